@@ -1,0 +1,29 @@
+# Each target bootstraps .venv from pyproject.toml (re-installed when pyproject changes).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: quickstart test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing unitstudy and its dependencies into $(VENV) (first time: a few minutes)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import torch, torchvision, ray, optuna, mlflow, study, trainables, analysis" \
+	  || { echo "error: the install into $(VENV) failed; see the pip output above" >&2; exit 1; }
+	@touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/study config show --config configs/quickstart.yaml
+	$(BIN)/study data summary --config configs/quickstart.yaml
+	@echo "quickstart: training, sweeps, ablation, dissection and the report are not built yet; this ran what exists."
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,370 @@
+"""The typed study configuration: one pydantic model per section.
+
+Defaults live here and only here. A YAML file plus ``--set a.b=value`` overrides
+is validated in one go; the first problem becomes a :class:`ConfigError` whose
+single sentence names the field and what is allowed, e.g.::
+
+    regularization.focused_dropout.par_rate = 2 is out of range; allowed: [0, 1]
+    unknown key 'train.epoch' (did you mean 'epochs'?)
+
+Sections: data, model, regularization (focused_dropout, dropout,
+gradient_penalty), train, sweep, ablation, dissection, tracking, ray.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import annotated_types
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainables.errors import ConfigError, LayerNameError
+from trainables.models import check_layer_name, layer_names
+
+__all__ = ["ConfigError", "StudyConfig", "load_config", "parse_overrides", "DATASET_CLASSES"]
+
+# Classes per dataset; model.num_classes defaults to this.
+DATASET_CLASSES = {"shapes": 20, "cifar100": 100, "places365": 365}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: Literal["shapes", "cifar100", "places365"] = "shapes"  # which dataset
+    root: str = "data"  # where cifar100 / places365 live (or are downloaded to)
+    download: bool = False  # allow torchvision to download a missing dataset
+    image_size: int = Field(32, ge=8, le=1024)  # side in px (shapes generates at this size)
+    num_train: int = Field(10_000, ge=1)  # shapes: generated training images
+    num_test: int = Field(2_000, ge=1)  # shapes: generated test images
+    seed: int = 0  # shapes: generation seed (train and test use seed and seed + 1)
+    augment: bool = True  # random crop (pad crop_padding) + horizontal flip on train batches
+    crop_padding: int = Field(4, ge=0, le=64)  # zero padding before the random crop
+    loader_workers: int = Field(4, ge=0, le=64)  # DataLoader workers (places365 path only)
+
+
+class ModelConfig(_Section):
+    variant: Literal["cifar", "places365"] = "cifar"  # 32 px / 512 head, or 224 px / 4096 head
+    batch_norm: bool = True  # vgg16_bn when true
+    width: float = Field(1.0, gt=0, le=8)  # channel multiplier; 1.0 = the paper
+    num_classes: int | None = Field(None, ge=2)  # default: the dataset's class count
+
+
+class FocusedDropoutConfig(_Section):
+    par_rate: float = Field(0.0, ge=0, le=1)  # share of mini-batches that get FocusedDropout; 0 = off
+    gamma: tuple[float, float] = (0.6, 0.9)  # threshold ratio drawn per image from U(lo, hi)
+    site: str = "pool4"  # layer after which FocusedDropout is applied (output of block 4)
+
+    @field_validator("gamma")
+    @classmethod
+    def _gamma_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0 < lo <= hi < 1):
+            raise ValueError("gamma_range")
+        return v
+
+
+class DropoutConfig(_Section):
+    rate: float = Field(0.0, ge=0, lt=1)  # dropout probability at the head's sites drop6, drop7
+
+
+class GradientPenaltyConfig(_Section):
+    lam: float = Field(0.0, ge=0, alias="lambda")  # weight of the input-gradient penalty; 0 = off
+    method: Literal["double_backprop", "finite_difference"] = "double_backprop"
+    h: float = Field(0.01, gt=0, le=1)  # finite-difference step (finite_difference method only)
+
+
+class RegularizationConfig(_Section):
+    focused_dropout: FocusedDropoutConfig = Field(default_factory=FocusedDropoutConfig)
+    dropout: DropoutConfig = Field(default_factory=DropoutConfig)
+    gradient_penalty: GradientPenaltyConfig = Field(default_factory=GradientPenaltyConfig)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(150, ge=1)
+    batch_size: int = Field(128, ge=1)  # per step, summed over all workers
+    lr: float = Field(0.01, gt=0, le=10)  # SGD learning rate
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    t_max: int = Field(200, ge=1)  # CosineAnnealingLR period in epochs
+    num_workers: int = Field(1, ge=1, le=1024)  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU, off on CPU
+    sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
+    seed: int = 0
+    max_failures: int = Field(2, ge=0, le=100)  # worker failures Ray Train recovers from
+
+
+class Distribution(_Section):
+    type: Literal["uniform", "loguniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+
+class SweepConfig(_Section):
+    num_samples: int = Field(4, ge=1)  # trials (per grid point when grid is set)
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)  # ASHA: epochs before a trial may be stopped
+    reduction_factor: float = Field(2.0, gt=1)  # ASHA: keep 1/reduction_factor per rung
+    max_concurrent_trials: int | None = Field(None, ge=1)  # default: what the cluster fits
+    seed: int = 0  # Optuna sampler seed
+    space: dict[str, Distribution] = {}  # dotted field path -> distribution (Optuna search)
+    grid: dict[str, list[Any]] = {}  # dotted field path -> values (grid, no Optuna)
+
+
+class AblationConfig(_Section):
+    layer: str = "conv5_3"  # units = channels of this layer, taken after its ReLU
+    units: list[int] | None = None  # default: every unit of the layer
+    unit_chunk: int = Field(64, ge=1)  # units per Ray task
+    num_gpus: float = Field(0.25, ge=0, le=1)  # GPU share per task (0 on CPU clusters)
+    max_retries: int = Field(3, ge=0)
+    holdout_fraction: float = Field(0.1, gt=0, lt=1)  # train share held out to select units
+    top_k: int = Field(5, ge=1)  # worst/best units for interventions
+    factors: list[float] = [2.0, 3.0]  # divide / multiply factors tried in order
+
+
+class DissectionConfig(_Section):
+    layer: str = "conv5_3"
+    concepts: Literal["shapes", "broden"] = "shapes"
+    broden_root: str | None = None  # Broden-format directory (concepts = broden)
+    quantile: float = Field(0.01, gt=0, le=0.5)  # top quantile defining t_u (paper 0.01)
+    iou_threshold: float = Field(0.04, ge=0, le=1)  # a unit is a detector at IoU >= this
+    num_images: int = Field(1_000, ge=1)
+    top_images: int = Field(5, ge=1)  # per unit in Figure 3
+
+
+class TrackingConfig(_Section):
+    mlflow_uri: str = "sqlite:///mlflow.db"  # MLflow >= 3.13 refuses ./mlruns by default
+    experiment: str = Field("unitstudy", min_length=1)
+
+
+class RayConfig(_Section):
+    storage_path: str = "ray_results"  # shared (s3://, gs://, NFS) on multi-node clusters
+    address: str | None = None  # None: start a local cluster; "auto": join the running one
+    num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local cluster
+
+
+class StudyConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    ablation: AblationConfig = Field(default_factory=AblationConfig)
+    dissection: DissectionConfig = Field(default_factory=DissectionConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes or DATASET_CLASSES[self.data.name]
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> StudyConfig:
+        if self.model.variant == "cifar" and self.data.image_size != 32:
+            raise ValueError(
+                f"model.variant = 'cifar' takes 32 px images but data.image_size = {self.data.image_size}; "
+                "set data.image_size=32 or model.variant=places365"
+            )
+        names = layer_names(self.model.variant, self.model.batch_norm)
+        trunk = names[: names.index("pool5") + 1]
+        for path, value in (
+            ("regularization.focused_dropout.site", self.regularization.focused_dropout.site),
+            ("ablation.layer", self.ablation.layer),
+            ("dissection.layer", self.dissection.layer),
+        ):
+            try:
+                check_layer_name(value, trunk, what=f"layer for {path}")
+            except LayerNameError as exc:
+                raise ValueError(str(exc)) from None
+        for path, dist in self.sweep.space.items():
+            _check_distribution(path, dist)
+        for path, values in self.sweep.grid.items():
+            _field_for_path(path)
+            if not values:
+                raise ValueError(f"sweep.grid.{path} is empty; give at least one value")
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        """Plain JSON-able dict with YAML key spellings (``lambda``)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# ----------------------------------------------------------------------------- search space
+
+
+def _field_for_path(path: str) -> tuple[type, Any]:
+    """(annotation, FieldInfo) of a leaf field addressed by dotted path; ValueError if none."""
+    model: type[BaseModel] = StudyConfig
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        fields = _fields_by_key(model)
+        if part not in fields:
+            close = difflib.get_close_matches(part, list(fields), n=1)
+            hint = f" (did you mean '{'.'.join(parts[:i] + [close[0]])}'?)" if close else ""
+            raise ValueError(f"search space path '{path}' is not a config field{hint}")
+        info = fields[part]
+        ann = info.annotation
+        if i < len(parts) - 1:
+            if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+                raise ValueError(f"search space path '{path}' goes below the leaf field '{'.'.join(parts[: i + 1])}'")
+            model = ann
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            raise ValueError(f"search space path '{path}' names a whole section, not a field")
+    return ann, info
+
+
+def _check_distribution(path: str, dist: Distribution) -> None:
+    ann, _ = _field_for_path(path)
+    where = f"sweep.space.{path}"
+    if dist.type == "choice":
+        if not dist.values:
+            raise ValueError(f"{where}: a choice needs a non-empty 'values' list")
+        return
+    if ann not in (int, float):
+        raise ValueError(f"{where}: a {dist.type} distribution needs a numeric field, but '{path}' is not numeric")
+    if dist.low is None or dist.high is None:
+        raise ValueError(f"{where}: a {dist.type} distribution needs both 'low' and 'high'")
+    if not (math.isfinite(dist.low) and math.isfinite(dist.high)) or dist.low > dist.high:
+        raise ValueError(f"{where}: low = {dist.low} must not exceed high = {dist.high}")
+    if dist.type == "loguniform" and dist.low <= 0:
+        raise ValueError(f"{where}: loguniform needs low > 0, got low = {dist.low}")
+    if dist.type == "int" and (dist.low != int(dist.low) or dist.high != int(dist.high)):
+        raise ValueError(f"{where}: an int distribution needs whole-number bounds")
+    if dist.type == "int" and ann is not int:
+        raise ValueError(f"{where}: an int distribution needs an integer field, but '{path}' is a float")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _fields_by_key(model: type[BaseModel]) -> dict[str, Any]:
+    """Fields keyed by their YAML spelling (alias when set)."""
+    return {(info.alias or name): info for name, info in model.model_fields.items()}
+
+
+def _leaf_info(loc: tuple) -> Any:
+    model: Any = StudyConfig
+    info = None
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return info
+        info = _fields_by_key(model).get(str(part))
+        if info is None:
+            return None
+        model = info.annotation
+    return info
+
+
+def _allowed_range(info: Any) -> str | None:
+    lo = hi = None
+    lo_open = hi_open = False
+    for m in getattr(info, "metadata", []):
+        if isinstance(m, annotated_types.Ge):
+            lo = m.ge
+        elif isinstance(m, annotated_types.Gt):
+            lo, lo_open = m.gt, True
+        elif isinstance(m, annotated_types.Le):
+            hi = m.le
+        elif isinstance(m, annotated_types.Lt):
+            hi, hi_open = m.lt, True
+    if lo is None and hi is None:
+        return None
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    if lo is None:
+        return f"{'<' if hi_open else '<='} {hi}"
+    return f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, int) and err["type"] != "extra_forbidden"))
+    path = ".".join(str(p) for p in err["loc"])
+    value = err.get("input")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _leaf_info(loc[:-1])
+        parent_model = parent.annotation if parent is not None else StudyConfig
+        known = list(_fields_by_key(parent_model)) if isinstance(parent_model, type) else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown key '{path}'{hint}; known keys here: {', '.join(known)}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        allowed = _allowed_range(_leaf_info(loc))
+        return f"{path} = {value!r} is out of range; allowed: {allowed}"
+    if kind == "literal_error":
+        return f"{path} = {value!r} is not allowed; {err['msg'][0].lower()}{err['msg'][1:]}"
+    if kind == "value_error" and "gamma_range" in err["msg"]:
+        return f"{path} = {list(value)} is invalid; need 0 < lo <= hi < 1 (the range gamma is drawn from)"
+    if kind == "value_error":
+        msg = err["msg"].removeprefix("Value error, ")
+        return msg if not path else f"{path}: {msg}"
+    if kind == "missing":
+        return f"{path} is required"
+    return f"{path} = {value!r} is invalid: {err['msg'][0].lower()}{err['msg'][1:]}"
+
+
+def validate(raw: dict[str, Any]) -> StudyConfig:
+    """Validate a raw dict; one ConfigError sentence for the first problem."""
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise ConfigError(_describe(errors[0]) + more) from None
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
+    """``["a.b=1", ...]`` -> ``[(["a", "b"], 1), ...]``; values parse as YAML scalars/lists."""
+    parsed = []
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key.path=value, got '{item}'")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        parsed.append((key.strip().split("."), value))
+    return parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    for path, value in parse_overrides(overrides):
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[: i + 1])}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not a {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StudyConfig:
+    """Load ``path`` (or the defaults), apply ``--set`` overrides, validate."""
+    raw = read_yaml(path) if path is not None else {}
+    return validate(apply_overrides(raw, overrides))
