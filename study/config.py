@@ -22,13 +22,14 @@ import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trainables.data import NUM_CLASSES
 from trainables.errors import ConfigError, LayerNameError
 from trainables.models import check_layer_name, layer_names
 
 __all__ = ["ConfigError", "StudyConfig", "load_config", "parse_overrides", "DATASET_CLASSES"]
 
 # Classes per dataset; model.num_classes defaults to this.
-DATASET_CLASSES = {"shapes": 20, "cifar100": 100, "places365": 365}
+DATASET_CLASSES = NUM_CLASSES
 
 
 class _Section(BaseModel):
@@ -98,6 +99,7 @@ class TrainConfig(_Section):
     sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
     seed: int = 0
     max_failures: int = Field(2, ge=0, le=100)  # worker failures Ray Train recovers from
+    fail_at_epoch: int | None = Field(None, ge=0)  # fault injection (tests): last worker dies once here
 
 
 class Distribution(_Section):
@@ -148,6 +150,7 @@ class RayConfig(_Section):
     storage_path: str = "ray_results"  # shared (s3://, gs://, NFS) on multi-node clusters
     address: str | None = None  # None: start a local cluster; "auto": join the running one
     num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local cluster
+    worker_logs: bool = False  # stream Ray workers' own logs to the terminal (errors are shown either way)
 
 
 class StudyConfig(_Section):
@@ -171,6 +174,14 @@ class StudyConfig(_Section):
             raise ValueError(
                 f"model.variant = 'cifar' takes 32 px images but data.image_size = {self.data.image_size}; "
                 "set data.image_size=32 or model.variant=places365"
+            )
+        if self.train.sync_batchnorm and self.regularization.gradient_penalty.lam > 0 and (
+            self.regularization.gradient_penalty.method == "double_backprop"
+        ):
+            raise ValueError(
+                "train.sync_batchnorm cannot be combined with the double_backprop gradient penalty "
+                "(SyncBatchNorm's backward is not itself differentiable); use "
+                "regularization.gradient_penalty.method=finite_difference or turn sync_batchnorm off"
             )
         names = layer_names(self.model.variant, self.model.batch_norm)
         trunk = names[: names.index("pool5") + 1]

@@ -2,7 +2,7 @@
 
 * ``shapes``: generated offline, deterministic from a seed (see :func:`make_shapes`).
   Each image is a grey textured background with one or two coloured shapes of
-  one kind; its class is (shape kind, texture), 5 x 4 = 20 classes; per-pixel
+  one kind; its class is (shape kind, texture), 4 x 5 = 20 classes; per-pixel
   concept maps in three categories (shape, colour, texture) make it the ground
   truth for testing network dissection.
 * ``cifar100``: torchvision ``CIFAR100``; ``places365``: torchvision ``Places365``.
@@ -33,9 +33,9 @@ from trainables.errors import DataError
 
 # --------------------------------------------------------------------------- shapes
 
-SHAPES = ("circle", "square", "triangle", "cross", "diamond")
+SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
-TEXTURES = ("stripes", "checker", "dots", "noise")
+TEXTURES = ("stripes", "checker", "dots", "noise", "grid")
 CATEGORIES = ("shape", "colour", "texture")
 CONCEPTS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": COLOURS, "texture": TEXTURES}
 _RGB = torch.tensor(
@@ -43,6 +43,7 @@ _RGB = torch.tensor(
     dtype=torch.float32,
 )
 SHAPES_CLASSES = tuple(f"{s}/{t}" for s in SHAPES for t in TEXTURES)
+NUM_CLASSES = {"shapes": len(SHAPES_CLASSES), "cifar100": 100, "places365": 365}
 
 MEAN_STD = {
     "shapes": ((0.45, 0.45, 0.45), (0.25, 0.25, 0.25)),
@@ -91,7 +92,6 @@ def _shape_masks(kind: torch.Tensor, cx, cy, r, xs, ys) -> torch.Tensor:
             torch.maximum(adx, ady) <= 0.8 * r,  # square
             (dy >= -r) & (dy <= 0.7 * r) & (adx <= 0.6 * (dy + r)),  # triangle, apex up
             ((adx <= 0.3 * r) & (ady <= r)) | ((ady <= 0.3 * r) & (adx <= r)),  # cross
-            adx + ady <= r,  # diamond
         ]
     )  # (K, N, H, W)
     return masks.gather(0, kind[None, :, None, None].expand(1, *masks.shape[1:]))[0]
@@ -118,7 +118,7 @@ def make_shapes(n: int, image_size: int = 32, seed: int = 0) -> ShapesData:
     colour1 = torch.randint(len(COLOURS), (n,), generator=g)
     colour2 = (colour1 + torch.randint(1, len(COLOURS), (n,), generator=g)) % len(COLOURS)
     has_second = torch.rand(n, generator=g) < 0.5
-    r1 = U(0.17 * S, 0.30 * S)
+    r1 = U(0.20 * S, 0.32 * S)
     r2 = U(0.11 * S, 0.18 * S)
     cx1, cy1 = U(r1, S - 1 - r1), U(r1, S - 1 - r1)
     cx2, cy2 = U(r2, S - 1 - r2), U(r2, S - 1 - r2)
@@ -140,6 +140,7 @@ def make_shapes(n: int, image_size: int = 32, seed: int = 0) -> ShapesData:
             (torch.div(xs + ph, p / 2, rounding_mode="floor") + torch.div(ys, p / 2, rounding_mode="floor")) % 2 == 1,
             ((xs + ph) % p - p / 2) ** 2 + ((ys + ph) % p - p / 2) ** 2 < (p / 3) ** 2,  # dots
             coin,  # noise
+            ((xs + ph) % p < 1.5) | ((ys + ph) % p < 1.5),  # grid
         ]
     )  # (T, N, H, W)
     on = patterns.gather(0, texture[None, :, None, None].expand(1, n, S, S))[0]

@@ -134,12 +134,17 @@ def vgg16(
         ("fc8", nn.Linear(hidden, num_classes)),
     ]
     model = nn.Sequential(OrderedDict(layers))
-    _init_weights(model)
+    _init_weights(model, linear_std=0.01 if variant == "places365" else None)
     return model
 
 
-def _init_weights(model: nn.Module) -> None:
-    """torchvision VGG's initialisation (kaiming fan-out convs, N(0, 0.01) linears)."""
+def _init_weights(model: nn.Module, linear_std: float | None) -> None:
+    """torchvision VGG's initialisation: kaiming fan-out convs; linears N(0, linear_std).
+
+    The narrow cifar head keeps PyTorch's default Linear init (``linear_std=None``):
+    N(0, 0.01) shrinks the signal by 0.01 * sqrt(width) per layer, which at 512
+    (and far more at the test widths) starves the trunk of gradient.
+    """
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -147,8 +152,8 @@ def _init_weights(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0, linear_std)
             nn.init.zeros_(m.bias)
 
 
