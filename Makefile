@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/study config show --config configs/quickstart.yaml
 	$(BIN)/study data summary --config configs/quickstart.yaml
-	@echo "quickstart: training, sweeps, ablation, dissection and the report are not built yet; this ran what exists."
+	$(BIN)/study train --config configs/quickstart.yaml
+	@echo "quickstart: the sweep, ablation, dissection and the report are not built yet; this ran what exists."
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

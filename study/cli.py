@@ -74,6 +74,25 @@ def data_summary(config: ConfigOpt = None, set_: SetOpt = None) -> None:
             typer.echo(f"  {category} concepts: {', '.join(D.CONCEPTS[category])}")
 
 
+@app.command("train")
+def train_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Train one model (Ray Train DDP inside a one-trial Tune study), logged to MLflow."""
+    from study.config import load_config
+    from study.tracking import ui_hint
+    from study.train import train
+
+    cfg = load_config(config, set_)
+    result = train(cfg, config_path=str(config) if config else None)
+    (trial,) = result.trials
+    m = trial["metrics"]
+    typer.echo(
+        f"done: test/acc {m['test/acc']:.2%}, train/acc {m['train/acc']:.2%} after {int(m['epoch']) + 1} epochs; "
+        f"MLflow parent run {result.parent_run_id}, trial run {trial['run_id']}"
+    )
+    typer.echo(f"checkpoint: {trial['checkpoint_path']}")
+    typer.echo(f"see the runs: {ui_hint(cfg)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: user errors become one line on stderr and exit 2.
 

@@ -33,3 +33,21 @@ def run_study():
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (4 logical CPUs on 2 cores, DESIGN.md).
+
+    Ray Train's health-check interval is shortened so fault-injection tests spend
+    less time waiting for the controller to notice a dead worker.
+    """
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    ray.init(num_cpus=4, log_to_driver=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,170 @@
+"""MLflow on the driver: one parent run per study, one nested child run per trial.
+
+Only the driver writes to MLflow (sqlite locks under many writers). Trials are
+logged by :class:`TrialLogger`, a Tune callback, so a single ``study train`` and
+every sweep trial land in MLflow the same way:
+
+* params: the trial's whole resolved config, dotted keys (``train.lr``);
+* metrics: every ``split/name`` key each epoch, with ``step = epoch``; an epoch
+  already logged for a trial is never logged again (a resumed driver replays none);
+* artifact: the final checkpoint (``checkpoint/checkpoint.pt``), or its URI as
+  the tag ``checkpoint_uri`` when storage is remote;
+* tags: ``mlflow.parentRunId``, ``trial_id``, ``status``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from study.config import StudyConfig
+
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # ray.tune.integration.ray_train.CHECKPOINT_PATH_KEY
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def client(cfg: StudyConfig):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
+    return MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
+
+
+def experiment_id(cfg: StudyConfig) -> str:
+    c = client(cfg)
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(cfg.tracking.experiment)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parents[1])
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def start_parent_run(cfg: StudyConfig, kind: str, name: str, tags: dict[str, str] | None = None) -> str:
+    """Create the study's parent run; returns its id."""
+    c = client(cfg)
+    all_tags = {"study.kind": kind, "git_commit": git_commit(), "command": " ".join(sys.argv), **(tags or {})}
+    run = c.create_run(experiment_id(cfg), run_name=name, tags=all_tags)
+    c.log_batch(run.info.run_id, params=_params(flatten(cfg.dump())))
+    return run.info.run_id
+
+
+def _params(flat: dict[str, Any]):
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)[:6000]) for k, v in flat.items()]
+
+
+def is_metric(key: str, value: Any) -> bool:
+    return ("/" in key or key == "lr") and isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class TrialLogger(Callback):
+    """Tune callback: trial runs in MLflow nested under ``parent_run_id``, plus a progress line per epoch."""
+
+    def __init__(self, cfg: StudyConfig, parent_run_id: str, resolve, quiet: bool = False):
+        self.cfg, self.parent_run_id, self.resolve, self.quiet = cfg, parent_run_id, resolve, quiet
+        self.client = client(cfg)
+        self.experiment_id = experiment_id(cfg)
+        self.runs: dict[str, str] = {}
+        self.logged: dict[str, set[int]] = {}
+        self.checkpoints: dict[str, str] = {}
+
+    # -- helpers
+    def _run_for(self, trial) -> str:
+        if trial.trial_id in self.runs:
+            return self.runs[trial.trial_id]
+        existing = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.trial_id = '{trial.trial_id}'",
+        )
+        if existing:  # a resumed driver continues the trial's run
+            run_id = existing[0].info.run_id
+            history = self.client.get_metric_history(run_id, "test/acc")
+            self.logged[trial.trial_id] = {m.step for m in history}
+        else:
+            resolved = self.resolve(trial.config)
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"trial-{trial.trial_id}",
+                tags={PARENT_TAG: self.parent_run_id, "trial_id": trial.trial_id, "status": "running"},
+            )
+            run_id = run.info.run_id
+            self.client.log_batch(run_id, params=_params(flatten(resolved)))
+            self.logged[trial.trial_id] = set()
+        self.runs[trial.trial_id] = run_id
+        return run_id
+
+    # -- Tune hooks (driver side)
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+
+        run_id = self._run_for(trial)
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        if CHECKPOINT_PATH_KEY in result:
+            self.checkpoints[trial.trial_id] = result[CHECKPOINT_PATH_KEY]
+        if epoch in self.logged[trial.trial_id]:
+            return
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, epoch) for k, v in result.items() if is_metric(k, v)]
+        self.client.log_batch(run_id, metrics=metrics)
+        self.logged[trial.trial_id].add(epoch)
+        if not self.quiet:
+            epochs = self.resolve(trial.config)["train"]["epochs"]
+            pen = f"  penalty {result['train/penalty']:.4f}" if result.get("train/penalty") else ""
+            print(
+                f"[{trial.trial_id}] epoch {epoch + 1}/{epochs}  train/loss {result['train/loss']:.3f}  "
+                f"train/acc {result['train/acc']:.1%}  test/acc {result['test/acc']:.1%}{pen}  "
+                f"{result['time/epoch_s']:.1f} s ({result['time/images_per_s']:.0f} img/s)",
+                flush=True,
+            )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        path = self.checkpoints.get(trial.trial_id)
+        if path:
+            self.client.set_tag(run_id, "checkpoint_uri", path)
+            if "://" not in path:  # remote storage: the tag is the reference, no copy
+                self.client.log_artifacts(run_id, path, artifact_path="checkpoint")
+        self.client.set_tag(run_id, "status", "finished")
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run_for(trial)
+        self.client.set_tag(run_id, "status", "failed")
+        self.client.set_terminated(run_id, "FAILED")
+
+
+def ui_hint(cfg: StudyConfig) -> str:
+    uri = cfg.tracking.mlflow_uri
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+

@@ -1,0 +1,137 @@
+"""Distributed training on Ray Train inside a one-trial Tune study, logged to MLflow (`study train`)."""
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from study.config import load_config
+from study.train import train
+from trainables.checkpoint import load_checkpoint
+from trainables.errors import ConfigError, DataError
+
+from .conftest import ROOT
+
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+EPOCHS = 4
+
+
+def small_config(tmp_path, *extra):
+    """Two DDP workers, a narrow VGG-16-BN, every regularizer on (so resume must restore all RNG streams)."""
+    return load_config(
+        QUICKSTART,
+        [
+            "data.num_train=2400",
+            "data.num_test=400",
+            "model.width=0.125",
+            f"train.epochs={EPOCHS}",
+            f"train.t_max={EPOCHS}",
+            "train.num_workers=2",
+            "train.batch_size=64",
+            "train.lr=0.05",
+            "regularization.focused_dropout.par_rate=0.25",
+            "regularization.dropout.rate=0.2",
+            "regularization.gradient_penalty.lambda=0.01",
+            f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db",
+            "tracking.experiment=test",
+            f"ray.storage_path={tmp_path}/ray",
+            *extra,
+        ],
+    )
+
+
+def final_weights(trial):
+    return load_checkpoint(f"{trial['checkpoint_path']}/checkpoint.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    cfg = small_config(tmp)
+    return cfg, train(cfg, quiet=True)
+
+
+def test_two_worker_ddp_run_learns_well_above_chance(uninterrupted):
+    cfg, result = uninterrupted
+    (trial,) = result.trials
+    # chance is 1/20; on 400 test images its binomial sd is ~1.1 points, so 12.5% is > 6 sd above it
+    chance = 1 / cfg.num_classes
+    assert trial["metrics"]["test/acc"] > 2.5 * chance
+    assert trial["metrics"]["train/penalty"] > 0, "the penalty was computed and reported"
+    assert trial["metrics"]["test/images"] == cfg.data.num_test, "test accuracy counts the whole test set"
+
+
+def test_run_is_logged_as_parent_and_child_with_per_epoch_metrics_and_checkpoint(uninterrupted):
+    cfg, result = uninterrupted
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    parent = client.get_run(result.parent_run_id)
+    (trial,) = result.trials
+    child = client.get_run(trial["run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.info.status == "FINISHED"
+    params = child.data.params
+    assert params["regularization.focused_dropout.par_rate"] == "0.25"
+    assert params["regularization.gradient_penalty.lambda"] == "0.01"
+    assert params["train.num_workers"] == "2"
+    for key in ("train/loss", "train/acc", "train/penalty", "test/loss", "test/acc", "time/epoch_s"):
+        history = client.get_metric_history(child.info.run_id, key)
+        assert sorted(m.step for m in history) == list(range(EPOCHS)), key
+    artifacts = [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")]
+    assert artifacts == ["checkpoint/checkpoint.pt"]
+    assert parent.data.metrics["best/test_acc"] == pytest.approx(trial["metrics"]["test/acc"])
+
+
+def test_checkpoint_holds_model_optimizer_scheduler_epoch_and_config(uninterrupted):
+    cfg, result = uninterrupted
+    ck = load_checkpoint(f"{result.trials[0]['checkpoint_path']}/checkpoint.pt")
+    assert ck["epoch"] == EPOCHS - 1
+    assert ck["config"] == cfg.dump()
+    assert ck["scheduler"]["last_epoch"] == EPOCHS
+    assert ck["optimizer"]["state"], "momentum buffers are saved"
+    assert not any(k.startswith("module.") for k in ck["model"])
+
+
+def test_killed_worker_resumes_from_checkpoint_and_matches_the_uninterrupted_run(uninterrupted, tmp_path):
+    """The last worker SIGKILLs itself once at epoch 1; Ray Train restarts the group from epoch 0's checkpoint."""
+    cfg_a, result_a = uninterrupted
+    cfg = small_config(tmp_path, "train.fail_at_epoch=1", "train.max_failures=1")
+    result = train(cfg, quiet=True)
+    (trial,) = result.trials
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    history = client.get_metric_history(trial["run_id"], "test/acc")
+    assert sorted(m.step for m in history) == list(range(EPOCHS)), "every epoch logged exactly once"
+    resumed, reference = final_weights(trial), final_weights(result_a.trials[0])
+    for key in reference:
+        assert torch.allclose(resumed[key].float(), reference[key].float(), rtol=1e-4, atol=1e-5), key
+    assert trial["metrics"]["test/acc"] == pytest.approx(result_a.trials[0]["metrics"]["test/acc"], abs=1e-9)
+
+
+def test_more_workers_than_the_cluster_can_place_is_refused_before_starting(ray_cluster, tmp_path):
+    cfg = small_config(tmp_path, "train.num_workers=16")
+    with pytest.raises(ConfigError, match="train.num_workers = 16 needs 17 CPUs"):
+        train(cfg, quiet=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_use_gpu_without_a_gpu_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        train(small_config(tmp_path, "train.use_gpu=true"), quiet=True)
+
+
+def test_missing_dataset_offline_is_refused_before_starting(tmp_path):
+    cfg = small_config(tmp_path, "data.name=cifar100", f"data.root={tmp_path}/nowhere")
+    with pytest.raises(DataError, match="nowhere"):
+        train(cfg, quiet=True)
+
+
+def test_unwritable_storage_path_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    with pytest.raises(ConfigError, match="not writable"):
+        train(small_config(tmp_path, f"ray.storage_path={blocker}/ray"), quiet=True)
+
+
+def test_cli_train_user_error_is_one_line_exit_2(run_study, tmp_path):
+    out = run_study("train", "--config", str(QUICKSTART), "--set", "data.name=cifar100",
+                    "--set", f"data.root={tmp_path}/nowhere", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "cifar100 was not found" in out.stderr

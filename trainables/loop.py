@@ -1,0 +1,207 @@
+"""The per-worker training loop that Ray Train runs on every DDP rank.
+
+``train_fn_per_worker(config)`` reads the plain ``StudyConfig.dump()`` dict in
+``config["config"]`` and does, per epoch: one pass over this rank's shard with
+the configured regularizers, one evaluation of the whole test set (each rank a
+disjoint block; counts all-reduced), then ``ray.train.report(metrics,
+checkpoint)`` on every rank (rank 0 attaches the checkpoint).
+
+Resuming: ``ray.train.get_checkpoint()`` restores model, optimizer, scheduler and
+epoch. Every random stream is reseeded at the start of each epoch:
+torch's global generator (dropout) from ``(train.seed, epoch, rank)``, the
+FocusedDropout generator from ``(train.seed, epoch)`` alone so that all ranks
+agree on which global mini-batches participate (the loader's permutation and
+augmentation are already functions of (seed, epoch, rank)), so a run resumed at an epoch boundary
+continues exactly as the uninterrupted run would. The checkpoint records that
+scheme and the epoch, which together are the RNG state.
+
+Metric keys (DESIGN.md): ``train/loss``, ``train/acc``, ``train/penalty``,
+``test/loss``, ``test/acc``, ``time/epoch_s``, ``time/images_per_s``, ``lr``, ``epoch``.
+
+The only Ray this module touches is ``ray.train``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from trainables.checkpoint import checkpoint_dict, load_checkpoint, save_checkpoint
+from trainables.data import build_loaders
+from trainables.focused_dropout import FocusedDropout
+from trainables.models import load_vgg16_state_dict
+from trainables.regularizers import batch_loss, build_model
+
+CHECKPOINT_FILE = "checkpoint.pt"
+RNG_SCHEME = "per epoch: torch.manual_seed(seed * 1_000_003 + epoch * 1_009 + rank); FocusedDropout with rank 0"
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return seed * 1_000_003 + epoch * 1_009 + rank
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``train.amp``: auto = bf16 on CUDA, off on CPU."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    return torch.float16 if amp == "fp16" else torch.bfloat16
+
+
+def _all_reduce(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def train_one_epoch(model, loader, optimizer, reg_cfg, autocast_dtype, scaler, device) -> torch.Tensor:
+    """One pass over ``loader``; returns summed (loss, correct, images, penalty) on ``device``."""
+    model.train()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for x, y in loader:
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss, logits, logs = batch_loss(model, x, y, reg_cfg)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        n = y.shape[0]
+        correct = (logits.detach().argmax(1) == y).sum()
+        sums += torch.stack(
+            [loss.detach().double() * n, correct.double(), torch.tensor(float(n), device=device),
+             torch.tensor(logs.get("penalty", 0.0) * n, dtype=torch.float64, device=device)]
+        )
+    return sums
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, autocast_dtype, device) -> torch.Tensor:
+    """Summed (cross-entropy, correct, images) of this rank's block of the test set."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for x, y in loader:
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        sums += torch.stack([loss.double(), (logits.argmax(1) == y).sum().double(),
+                             torch.tensor(float(y.shape[0]), device=device)])
+    return sums
+
+
+def _maybe_inject_fault(train_cfg: dict[str, Any], epoch: int, rank: int, world_size: int, resumed: bool) -> None:
+    """Test hook: with ``train.fail_at_epoch = k`` the last rank kills itself at epoch k, once.
+
+    "Once" = only in an attempt that did not start from a checkpoint, so the
+    restarted worker group (which resumes from one) runs through.
+
+    Before dying it waits two of Ray Train's health-check intervals: on Ray 2.60
+    the controller collects reports when it polls the workers, and a worker that
+    dies within one poll interval of its last ``report`` takes that report (and
+    its checkpoint) with it, so the restart would begin from scratch.
+    """
+    if train_cfg.get("fail_at_epoch") == epoch and rank == world_size - 1 and not resumed:
+        time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point; ``config = {"config": StudyConfig.dump(), "num_classes": int}``."""
+    import ray.train
+    import ray.train.torch
+
+    cfg, num_classes = config["config"], config["num_classes"]
+    tcfg = cfg["train"]
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if isinstance(device, list):
+        device = device[0]
+    autocast_dtype = amp_dtype(tcfg["amp"], device)
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+
+    torch.manual_seed(tcfg["seed"])  # identical initial weights on every rank
+    model = build_model(cfg, num_classes)
+    if tcfg["sync_batchnorm"] and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    per_rank_batch = max(1, tcfg["batch_size"] // world_size)
+    train_loader, test_loader = build_loaders(
+        cfg["data"], batch_size=per_rank_batch, device=device, rank=rank, world_size=world_size, seed=tcfg["seed"]
+    )
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=tcfg["lr"], momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"]
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tcfg["t_max"])
+
+    start_epoch, resumed = 0, False
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(Path(d) / CHECKPOINT_FILE, map_location=device)
+        load_vgg16_state_dict(model, state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, resumed = state["epoch"] + 1, True
+    model = ray.train.torch.prepare_model(model)  # DDP when world_size > 1 (gloo on CPU, nccl on GPU)
+    focused = [m for m in model.modules() if isinstance(m, FocusedDropout)]
+
+    for epoch in range(start_epoch, tcfg["epochs"]):
+        torch.manual_seed(_epoch_seed(tcfg["seed"], epoch, rank))
+        for m in focused:  # same stream on every rank: a global mini-batch participates as a whole
+            m.generator.manual_seed(_epoch_seed(tcfg["seed"], epoch, 0))
+        train_loader.set_epoch(epoch)
+        _maybe_inject_fault(tcfg, epoch, rank, world_size, resumed)
+
+        t0 = time.perf_counter()
+        train_sums = _all_reduce(train_one_epoch(model, train_loader, optimizer, cfg["regularization"],
+                                                 autocast_dtype, scaler, device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_s = time.perf_counter() - t0
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        test_sums = _all_reduce(evaluate(model, test_loader, autocast_dtype, device))
+        epoch_s = time.perf_counter() - t0
+        t_loss, t_correct, t_n, t_pen = train_sums.tolist()
+        e_loss, e_correct, e_n = test_sums.tolist()
+        metrics = {
+            "epoch": epoch,
+            "train/loss": t_loss / max(t_n, 1),
+            "train/acc": t_correct / max(t_n, 1),
+            "train/penalty": t_pen / max(t_n, 1),
+            "test/loss": e_loss / max(e_n, 1),
+            "test/acc": e_correct / max(e_n, 1),
+            "test/images": e_n,
+            "time/epoch_s": epoch_s,
+            "time/images_per_s": t_n / max(train_s, 1e-9),
+            "lr": lr,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                state = checkpoint_dict(model, optimizer, scheduler, epoch, cfg, rng_scheme=RNG_SCHEME)
+                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, state)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
