@@ -131,6 +131,10 @@ def test_infer_architecture_reads_back_the_build_arguments():
     for variant, bn, width, classes in (("cifar", True, 0.25, 20), ("places365", False, 0.125, 365)):
         arch = infer_architecture(vgg16(variant, batch_norm=bn, width=width, num_classes=classes).state_dict())
         assert arch == {"variant": variant, "batch_norm": bn, "width": width, "num_classes": classes}
+    for width in (0.1, 0.3, 0.7):  # widths whose rounded channel counts are not width * 64 exactly
+        sd = vgg16("cifar", width=width, num_classes=20).state_dict()
+        arch = infer_architecture(sd)
+        load_vgg16_state_dict(vgg16("cifar", width=arch["width"], num_classes=20), sd)
 
 
 def test_checkpoint_round_trip_under_weights_only(tmp_path):

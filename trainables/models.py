@@ -199,10 +199,18 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict:
     except KeyError as exc:
         raise CheckpointError(f"the checkpoint is not a VGG-16 state dict: it has no key {exc}") from None
     variant = "places365" if fc6.shape[1] == c5 * 49 and fc6.shape[1] != c5 else "cifar"
+    # width: the first ratio (widest layer first) that reproduces every conv's channel count
+    channels = [v for v in cfgs["D"] if v != "M"]
+    found = [state_dict[f"{n}.weight"].shape[0] for n in CONV_NAMES if f"{n}.weight" in state_dict]
+    width = conv1.shape[0] / 64
+    for c, f in sorted(zip(channels, found), reverse=True):
+        if all(_scaled(v, f / c) == got for v, got in zip(channels, found)):
+            width = f / c
+            break
     return {
         "variant": variant,
         "batch_norm": "bn1_1.weight" in state_dict,
-        "width": conv1.shape[0] / 64,
+        "width": width,
         "num_classes": fc8.shape[0],
     }
 
