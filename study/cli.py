@@ -93,6 +93,31 @@ def train_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo(f"see the runs: {ui_hint(cfg)}")
 
 
+@app.command("sweep")
+def sweep_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep from its storage.")] = False,
+    name: Annotated[Optional[str], typer.Option("--name", help="Sweep name in storage (resume: default latest).")] = None,
+) -> None:
+    """Hyperparameter sweep: Optuna search or a method grid, ASHA, every trial a nested MLflow run."""
+    from study.config import load_config
+    from study.sweep import sweep
+    from study.tracking import ui_hint
+
+    cfg = load_config(config, set_)
+    result = sweep(cfg, config_path=str(config) if config else None, resume=resume, name=name)
+    done = [t for t in result.trials if t["error"] is None and "test/acc" in t["metrics"]]
+    typer.echo(f"{len(done)}/{len(result.trials)} trials finished; MLflow parent run {result.parent_run_id}")
+    for t in sorted(done, key=lambda t: -t["metrics"]["test/acc"]):
+        values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["search"].items())
+        typer.echo(f"  test/acc {t['metrics']['test/acc']:.2%} after {int(t['metrics']['epoch']) + 1} epochs  {values}")
+    for t in result.trials:
+        if t["error"]:
+            typer.echo(f"  trial {t['trial_id']} failed: {t['error']}", err=True)
+    typer.echo(f"see the runs: {ui_hint(cfg)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: user errors become one line on stderr and exit 2.
 

@@ -118,6 +118,9 @@ class SweepConfig(_Section):
     seed: int = 0  # Optuna sampler seed
     space: dict[str, Distribution] = {}  # dotted field path -> distribution (Optuna search)
     grid: dict[str, list[Any]] = {}  # dotted field path -> values (grid, no Optuna)
+    methods: dict[str, dict[str, Any]] = {}  # named bundles of overrides, one grid axis (Table 2)
+    seeds: list[int] = []  # a grid axis over train.seed (Table 2's repeats)
+    name: str | None = None  # sweep name in storage (default: sweep-<timestamp>)
 
 
 class AblationConfig(_Section):
@@ -200,6 +203,17 @@ class StudyConfig(_Section):
             _field_for_path(path)
             if not values:
                 raise ValueError(f"sweep.grid.{path} is empty; give at least one value")
+        for method, overrides in self.sweep.methods.items():
+            for path in overrides:
+                try:
+                    _field_for_path(path)
+                except ValueError as exc:
+                    raise ValueError(f"sweep.methods.{method}: {exc}") from None
+        if self.sweep.space and (self.sweep.grid or self.sweep.methods or self.sweep.seeds):
+            raise ValueError(
+                "sweep.space (an Optuna search) cannot be combined with sweep.grid, sweep.methods or sweep.seeds "
+                "(a grid); Optuna refuses grid_search, so use one or the other"
+            )
         return self
 
     def dump(self) -> dict[str, Any]:

@@ -73,6 +73,19 @@ def start_parent_run(cfg: StudyConfig, kind: str, name: str, tags: dict[str, str
     return run.info.run_id
 
 
+def find_parent_run(cfg: StudyConfig, name: str) -> str:
+    """The parent run of study ``name`` (tag ``study.name``)."""
+    from trainables.errors import ConfigError
+
+    c = client(cfg)
+    runs = c.search_runs([experiment_id(cfg)], filter_string=f"tags.`study.name` = '{name}'")
+    if not runs:
+        raise ConfigError(
+            f"no MLflow parent run for '{name}' in experiment '{cfg.tracking.experiment}' at {cfg.tracking.mlflow_uri}"
+        )
+    return runs[0].info.run_id
+
+
 def _params(flat: dict[str, Any]):
     from mlflow.entities import Param
 
@@ -88,11 +101,23 @@ class TrialLogger(Callback):
 
     def __init__(self, cfg: StudyConfig, parent_run_id: str, resolve, quiet: bool = False):
         self.cfg, self.parent_run_id, self.resolve, self.quiet = cfg, parent_run_id, resolve, quiet
-        self.client = client(cfg)
-        self.experiment_id = experiment_id(cfg)
+        self._connect()
+
+    def _connect(self) -> None:
+        self.client = client(self.cfg)
+        self.experiment_id = experiment_id(self.cfg)
         self.runs: dict[str, str] = {}
         self.logged: dict[str, set[int]] = {}
         self.checkpoints: dict[str, str] = {}
+
+    # Tune pickles its run config (callbacks included) for Tuner.restore: keep only
+    # the settings; a restored logger reconnects and finds its runs by their tags.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cfg": self.cfg, "parent_run_id": self.parent_run_id, "resolve": self.resolve, "quiet": self.quiet}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._connect()
 
     # -- helpers
     def _run_for(self, trial) -> str:
@@ -108,11 +133,11 @@ class TrialLogger(Callback):
             self.logged[trial.trial_id] = {m.step for m in history}
         else:
             resolved = self.resolve(trial.config)
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"trial-{trial.trial_id}",
-                tags={PARENT_TAG: self.parent_run_id, "trial_id": trial.trial_id, "status": "running"},
-            )
+            tags = {PARENT_TAG: self.parent_run_id, "trial_id": trial.trial_id, "status": "running"}
+            method = (trial.config.get("search") or {}).get("method")
+            if method is not None:
+                tags["method"] = str(method)
+            run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}", tags=tags)
             run_id = run.info.run_id
             self.client.log_batch(run_id, params=_params(flatten(resolved)))
             self.logged[trial.trial_id] = set()
@@ -153,7 +178,9 @@ class TrialLogger(Callback):
             self.client.set_tag(run_id, "checkpoint_uri", path)
             if "://" not in path:  # remote storage: the tag is the reference, no copy
                 self.client.log_artifacts(run_id, path, artifact_path="checkpoint")
-        self.client.set_tag(run_id, "status", "finished")
+        epochs = self.resolve(trial.config)["train"]["epochs"]
+        stopped_early = len(self.logged.get(trial.trial_id, ())) < epochs
+        self.client.set_tag(run_id, "status", "stopped_early" if stopped_early else "finished")
         self.client.set_terminated(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -14,8 +14,11 @@ and validates the result again.
 from __future__ import annotations
 
 import copy
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from study.config import StudyConfig, validate
@@ -28,22 +31,35 @@ from study.runtime import (
     worker_resources,
 )
 from study.tracking import TrialLogger, start_parent_run
-from trainables.errors import UnitstudyError
+from trainables.errors import ConfigError, UnitstudyError
 
 
 class TrainingFailed(UnitstudyError):
     """A trial ended in an error after Ray Train's retries were used up."""
 
 
+def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
 def resolve_trial_config(trial_config: dict[str, Any]) -> dict[str, Any]:
-    """The trial's validated config dump: base config with the trial's search values set."""
+    """The trial's validated config dump: base config with the trial's search values set.
+
+    The search key ``method`` names a bundle in ``sweep.methods`` whose overrides
+    are applied first; every other key is a dotted field path.
+    """
     raw = copy.deepcopy(trial_config["config"])
-    for path, value in (trial_config.get("search") or {}).items():
-        node = raw
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    search = dict(trial_config.get("search") or {})
+    method = search.pop("method", None)
+    if method is not None:
+        for path, value in raw["sweep"]["methods"][method].items():
+            _set_path(raw, path, value)
+    for path, value in search.items():
+        _set_path(raw, path, value)
     return validate(raw).dump()
 
 
@@ -90,51 +106,102 @@ def run_trials(
     *,
     kind: str,
     param_space: dict[str, Any],
-    tune_config,
+    tune_config: Callable[[], Any],
     name: str | None = None,
     parent_tags: dict[str, str] | None = None,
     quiet: bool = False,
+    resume: bool = False,
 ) -> StudyResult:
-    """Run a Tuner over :func:`trial_fn`, with every trial logged under one MLflow parent run."""
+    """Run (or, with ``resume``, continue) a Tuner over :func:`trial_fn`, logged under one MLflow parent run.
+
+    ``tune_config`` is called once Ray is up (it may read the cluster's size).
+    The parent run carries the tag ``study.name`` = the Tune experiment name, which
+    is how a resumed study finds it again.
+    """
     import ray.tune
+
+    from study.tracking import client, find_parent_run
 
     check_local_prerequisites(cfg)
     storage = storage_path(cfg)
     init_ray(cfg)
     check_cluster_fits(cfg)
-    name = name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = start_parent_run(cfg, kind, name, tags={"storage_path": storage, **(parent_tags or {})})
-    logger = TrialLogger(cfg, parent, resolve_trial_config, quiet=quiet)
     trainable = ray.tune.with_resources(trial_fn, {"cpu": TRIAL_DRIVER_CPUS})
-    tuner = ray.tune.Tuner(
-        trainable,
-        param_space={**param_space, "storage_path": storage},
-        tune_config=tune_config,
-        run_config=ray.tune.RunConfig(name=name, storage_path=storage, callbacks=[logger], verbose=0),
-    )
+    if resume:
+        name = name or latest_study(storage, kind)
+        path = f"{storage}/{name}"
+        if not ray.tune.Tuner.can_restore(path):
+            raise ConfigError(f"there is no {kind} to resume at {path}")
+        parent = find_parent_run(cfg, name)
+        tuner = ray.tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        if not quiet:
+            print(f"resuming {kind} {name} (MLflow parent run {parent})", flush=True)
+    else:
+        name = name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        parent = start_parent_run(
+            cfg, kind, name, tags={"study.name": name, "storage_path": storage, **(parent_tags or {})}
+        )
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space={**param_space, "storage_path": storage},
+            tune_config=tune_config(),
+            run_config=ray.tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                callbacks=[TrialLogger(cfg, parent, resolve_trial_config, quiet=quiet)],
+                verbose=0,
+            ),
+        )
     grid = tuner.fit()
+    c = client(cfg)
     trials = []
+    experiment = c.get_run(parent).info.experiment_id
     for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id")  # Tune fills it in; absent if no epoch finished
+        metrics = dict(result.metrics or {})
+        # Tune puts trial_id in every result; the trial directory name carries it too
+        # (after a resume Tune may not find a trial's result files for a moment).
+        match = re.match(r"^trial_fn_([0-9a-f]+_\d+)_", Path(result.path).name) if result.path else None
+        trial_id = metrics.get("trial_id") or (match.group(1) if match else None)
+        runs = c.search_runs(
+            [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.trial_id = '{trial_id}'"
+        ) if trial_id else []
+        if runs and "test/acc" not in metrics:  # the MLflow run is the record: take its last values
+            metrics.update(runs[0].data.metrics)
+            metrics["epoch"] = max(m.step for m in c.get_metric_history(runs[0].info.run_id, "test/acc"))
+            metrics["checkpoint_path"] = runs[0].data.tags.get("checkpoint_uri")
         trials.append(
             {
                 "trial_id": trial_id,
-                "metrics": {k: v for k, v in (result.metrics or {}).items() if "/" in k or k == "epoch"},
+                "config": resolve_trial_config(result.config) if result.config else None,
+                "search": (result.config or {}).get("search", {}),
+                "metrics": {k: v for k, v in metrics.items() if "/" in k or k == "epoch"},
                 "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300],
-                "checkpoint_path": (result.metrics or {}).get("checkpoint_path"),
-                "run_id": logger.runs.get(trial_id),
+                "checkpoint_path": metrics.get("checkpoint_path"),
+                "run_id": runs[0].info.run_id if runs else None,
             }
         )
-    from study.tracking import client
-
-    c = client(cfg)
     finished = [t for t in trials if t["error"] is None and "test/acc" in t["metrics"]]
     if finished:
         best = max(finished, key=lambda t: t["metrics"]["test/acc"])
         c.log_metric(parent, "best/test_acc", best["metrics"]["test/acc"])
         c.set_tag(parent, "best_trial_id", str(best["trial_id"]))
+        if best["run_id"]:
+            c.set_tag(parent, "best_run_id", best["run_id"])
+        for path, value in best["search"].items():
+            c.set_tag(parent, f"best.{path}", str(value))
     c.set_terminated(parent, "FINISHED" if len(finished) == len(trials) else "FAILED")
     return StudyResult(parent_run_id=parent, experiment_path=f"{storage}/{name}", trials=trials)
+
+
+def latest_study(storage: str, kind: str) -> str:
+    """Name of the most recently modified ``<kind>-*`` experiment under local ``storage``."""
+    if "://" in storage:
+        raise ConfigError(f"with remote storage, name the {kind} to resume (--name)")
+    found = sorted(Path(storage).glob(f"{kind}-*"), key=lambda p: p.stat().st_mtime)
+    found = [p for p in found if (p / "tuner.pkl").exists()]
+    if not found:
+        raise ConfigError(f"there is no {kind} to resume under {storage}")
+    return found[-1].name
 
 
 def train(cfg: StudyConfig, *, config_path: str | None = None, quiet: bool = False) -> StudyResult:
@@ -145,7 +212,7 @@ def train(cfg: StudyConfig, *, config_path: str | None = None, quiet: bool = Fal
         cfg,
         kind="train",
         param_space={"config": cfg.dump(), "search": {}},
-        tune_config=ray.tune.TuneConfig(num_samples=1, metric="test/acc", mode="max"),
+        tune_config=lambda: ray.tune.TuneConfig(num_samples=1, metric="test/acc", mode="max"),
         parent_tags={"config_file": str(config_path or "")},
         quiet=quiet,
     )

@@ -1,0 +1,167 @@
+"""``study sweep``: the hyperparameter study over the trial function of ``study train``.
+
+Two kinds of sweep, both from the ``sweep`` config section:
+
+* a search (``sweep.space``): OptunaSearch (seeded TPE) over dotted config paths
+  with uniform / loguniform / int / choice distributions, ``num_samples`` trials;
+* a grid (``sweep.methods`` x ``sweep.seeds`` x ``sweep.grid``): Tune's basic
+  variant generator (OptunaSearch refuses ``grid_search``), ``num_samples``
+  repeats of every grid point - Table 2's methods x seeds.
+
+Metric ``test/acc``, mode max. ASHA (``sweep.scheduler = asha``, over epochs) stops
+weak trials early; ``fifo`` runs every trial to the end. Every trial is a child run
+of one MLflow parent run, which also gets the best trial's values, the Optuna
+parameter importances and the optimization history as PNGs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from study.config import StudyConfig
+from study.runtime import TRIAL_DRIVER_CPUS, worker_resources
+from study.train import StudyResult, run_trials
+
+
+def search_space(cfg: StudyConfig) -> dict[str, Any]:
+    """The ``search`` part of the param space: Tune domains, or grid_search axes."""
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for path, d in cfg.sweep.space.items():
+        if d.type == "uniform":
+            space[path] = tune.uniform(d.low, d.high)
+        elif d.type == "loguniform":
+            space[path] = tune.loguniform(d.low, d.high)
+        elif d.type == "int":
+            space[path] = tune.randint(int(d.low), int(d.high) + 1)  # randint's upper bound is exclusive
+        else:
+            space[path] = tune.choice(d.values)
+    if cfg.sweep.methods:
+        space["method"] = tune.grid_search(list(cfg.sweep.methods))
+    if cfg.sweep.seeds:
+        space["train.seed"] = tune.grid_search(list(cfg.sweep.seeds))
+    for path, values in cfg.sweep.grid.items():
+        space[path] = tune.grid_search(list(values))
+    return space
+
+
+def concurrent_trials(cfg: StudyConfig) -> int:
+    """``sweep.max_concurrent_trials``, else as many trials as the cluster holds at once."""
+    import ray
+
+    if cfg.sweep.max_concurrent_trials:
+        return cfg.sweep.max_concurrent_trials
+    total = ray.cluster_resources()
+    per_worker = worker_resources(cfg)
+    n = cfg.train.num_workers
+    fits = int(total.get("CPU", 0) // (n * per_worker["CPU"] + TRIAL_DRIVER_CPUS))
+    if cfg.train.use_gpu:
+        fits = min(fits, int(total.get("GPU", 0) // n))
+    return max(1, fits)
+
+
+def tune_config(cfg: StudyConfig):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = None
+    if cfg.sweep.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=cfg.train.epochs,
+            grace_period=min(cfg.sweep.grace_period, cfg.train.epochs),
+            reduction_factor=cfg.sweep.reduction_factor,
+        )
+    search_alg = None
+    if cfg.sweep.space:
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=cfg.sweep.seed)
+    return tune.TuneConfig(
+        metric="test/acc",
+        mode="max",
+        search_alg=search_alg,
+        scheduler=scheduler,
+        num_samples=cfg.sweep.num_samples,
+        max_concurrent_trials=concurrent_trials(cfg),
+    )
+
+
+def sweep(
+    cfg: StudyConfig, *, config_path: str | None = None, resume: bool = False, name: str | None = None,
+    quiet: bool = False,
+) -> StudyResult:
+    """Run (or resume) the sweep; log the summary figures to the parent run."""
+    result = run_trials(
+        cfg,
+        kind="sweep",
+        param_space={"config": cfg.dump(), "search": search_space(cfg)},
+        tune_config=lambda: tune_config(cfg),
+        name=name or cfg.sweep.name,
+        parent_tags={"config_file": str(config_path or ""), "sweep.seed": str(cfg.sweep.seed)},
+        quiet=quiet,
+        resume=resume,
+    )
+    log_summary(cfg, result)
+    return result
+
+
+def _optuna_study(cfg: StudyConfig, result: StudyResult):
+    """An Optuna study rebuilt from the finished trials (works the same after a resume)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    dists = {}
+    for path, d in cfg.sweep.space.items():
+        if d.type in ("uniform", "loguniform"):
+            dists[path] = FloatDistribution(d.low, d.high, log=d.type == "loguniform")
+        elif d.type == "int":
+            dists[path] = IntDistribution(int(d.low), int(d.high))
+        else:
+            dists[path] = CategoricalDistribution(d.values)
+    study = optuna.create_study(direction="maximize")
+    for t in result.trials:
+        if t["error"] is None and "test/acc" in t["metrics"] and set(dists) <= set(t["search"]):
+            params = {p: t["search"][p] for p in dists}
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=t["metrics"]["test/acc"]))
+    return study
+
+
+def log_summary(cfg: StudyConfig, result: StudyResult) -> None:
+    """Optimization history and parameter importances (PNG) on the parent run, for a search."""
+    if not cfg.sweep.space:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    from study.tracking import client
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = _optuna_study(cfg, result)
+    c = client(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        if study.trials:
+            ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+            ax.set_ylabel("test/acc")
+            ax.figure.savefig(Path(tmp) / "optimization_history.png", dpi=120, bbox_inches="tight")
+            plt.close(ax.figure)
+        if len(study.trials) >= 2:
+            try:
+                importances = optuna.importance.get_param_importances(study)
+            except (RuntimeError, ValueError) as exc:  # e.g. every trial drew the same value
+                c.set_tag(result.parent_run_id, "param_importances", f"not computable: {exc}")
+            else:
+                for path, value in importances.items():
+                    c.log_metric(result.parent_run_id, f"importance/{path}", value)
+                fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(importances)))
+                ax.barh(list(importances)[::-1], list(importances.values())[::-1])
+                ax.set_xlabel("importance for test/acc (fANOVA)")
+                fig.savefig(Path(tmp) / "param_importances.png", dpi=120, bbox_inches="tight")
+                plt.close(fig)
+        c.log_artifacts(result.parent_run_id, tmp, artifact_path="figures")

@@ -1,0 +1,159 @@
+"""`study sweep`: Optuna search and grids over the train trial, ASHA, nested MLflow runs, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from study.config import load_config
+from study.sweep import sweep
+from trainables.errors import ConfigError
+
+from .conftest import ROOT
+
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+
+
+def sweep_config(tmp_path, *extra):
+    return load_config(QUICKSTART, [*sweep_config_overrides(tmp_path), *extra])
+
+
+def child_runs(cfg, parent_id):
+    c = MlflowClient(cfg.tracking.mlflow_uri)
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
+    return c, c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_four_trial_optuna_sweep_logs_four_children_under_one_parent(ray_cluster, tmp_path):
+    cfg = sweep_config(tmp_path, "sweep.num_samples=4", "sweep.scheduler=fifo")
+    result = sweep(cfg, quiet=True)
+    assert len(result.trials) == 4 and all(t["error"] is None for t in result.trials)
+    c, children = child_runs(cfg, result.parent_run_id)
+    assert len(children) == 4
+    sampled = set()
+    for run in children:
+        p = run.data.params
+        values = tuple(p[k] for k in ("regularization.focused_dropout.par_rate", "regularization.dropout.rate",
+                                      "regularization.gradient_penalty.lambda"))
+        sampled.add(values)
+        history = c.get_metric_history(run.info.run_id, "test/acc")
+        assert sorted(m.step for m in history) == [0, 1]
+    assert len(sampled) == 4, "Optuna drew different values for every trial"
+    parent = c.get_run(result.parent_run_id)
+    assert parent.data.metrics["best/test_acc"] == max(t["metrics"]["test/acc"] for t in result.trials)
+    figures = {a.path for a in c.list_artifacts(result.parent_run_id, "figures")}
+    assert figures == {"figures/optimization_history.png", "figures/param_importances.png"}
+    assert any(k.startswith("importance/") for k in parent.data.metrics)
+
+
+def test_asha_stops_a_weak_trial_and_the_next_trial_still_runs(ray_cluster, tmp_path):
+    """Grid lr = [~0, 0.02, ~0, 0.02], one trial at a time, ASHA rung at epoch 1 with reduction factor 2.
+
+    Trial 3 (lr ~0) repeats trial 1 exactly (same seed, the weights do not move), so
+    at the rung it sits below the median of {trial 1, trial 2} because trial 2 learned
+    (about 15% vs 5% test accuracy after one epoch of 94 steps); ASHA must stop it,
+    and trial 4 must then still get its resources (the placement-group leak of
+    DESIGN.md would hang it).
+    """
+    cfg = sweep_config(
+        tmp_path, "data.num_train=3000", "data.num_test=400", "train.batch_size=32",
+        "sweep.space={}", "sweep.grid={train.lr: [1.0e-9, 0.02, 1.0e-9, 0.02]}", "sweep.scheduler=asha",
+        "sweep.grace_period=1", "sweep.reduction_factor=2", "sweep.max_concurrent_trials=1", "sweep.num_samples=1",
+        "regularization.focused_dropout.par_rate=0",
+    )
+    result = sweep(cfg, quiet=True)
+    by_lr = {}
+    for t in result.trials:
+        by_lr.setdefault(t["config"]["train"]["lr"], []).append(t)
+    frozen, learning = by_lr[1e-9], by_lr[0.02]
+    epochs = sorted(int(t["metrics"]["epoch"]) + 1 for t in frozen)
+    assert epochs == [1, 2], "the second frozen trial was stopped after its first epoch"
+    assert [int(t["metrics"]["epoch"]) + 1 for t in learning] == [2, 2], "both learning trials ran to the end"
+    c, children = child_runs(cfg, result.parent_run_id)
+    assert sorted(r.data.tags["status"] for r in children) == ["finished"] * 3 + ["stopped_early"]
+
+
+def test_grid_of_methods_and_seeds_tags_each_trial_with_its_method(ray_cluster, tmp_path):
+    cfg = sweep_config(
+        tmp_path, "train.epochs=1", "train.t_max=1", "sweep.space={}", "sweep.scheduler=fifo", "sweep.num_samples=1",
+        "sweep.methods={baseline: {}, dropout: {regularization.dropout.rate: 0.2}}", "sweep.seeds=[0, 1]",
+        "regularization.focused_dropout.par_rate=0",
+    )
+    result = sweep(cfg, quiet=True)
+    c, children = child_runs(cfg, result.parent_run_id)
+    seen = sorted((r.data.tags["method"], r.data.params["train.seed"], r.data.params["regularization.dropout.rate"])
+                  for r in children)
+    assert seen == [("baseline", "0", "0.0"), ("baseline", "1", "0.0"), ("dropout", "0", "0.2"), ("dropout", "1", "0.2")]
+
+
+def test_resume_after_killing_the_driver_reruns_nothing_and_duplicates_no_run(ray_cluster, tmp_path):
+    """A driver in a subprocess (joined to the test cluster) is SIGKILLed after 2 of 4 trials; resume finishes."""
+    name = "sweep-resume-test"
+    overrides = [
+        "sweep.space={}", "sweep.grid={train.seed: [0, 1, 2, 3]}", "sweep.scheduler=fifo", "sweep.max_concurrent_trials=1",
+        "sweep.num_samples=1", "regularization.focused_dropout.par_rate=0",
+    ]
+    cfg = sweep_config(tmp_path, *overrides)
+    address = ray_cluster.get_runtime_context().gcs_address
+    args = [sys.executable, "-m", "study.cli", "sweep", "--config", str(QUICKSTART), "--name", name]
+    for item in [*sweep_config_overrides(tmp_path), *overrides, f"ray.address={address}"]:
+        args += ["--set", item]
+    env = dict(os.environ, TUNE_GLOBAL_CHECKPOINT_S="0.5")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    c = MlflowClient(cfg.tracking.mlflow_uri)
+    deadline = time.time() + 300
+    finished = []
+    while time.time() < deadline and len(finished) < 2:
+        time.sleep(1)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        exp = c.get_experiment_by_name(cfg.tracking.experiment) if (tmp_path / "mlflow.db").exists() else None
+        if exp is not None:
+            finished = c.search_runs([exp.experiment_id], filter_string="tags.status = 'finished'")
+    assert len(finished) == 2, "two trials finished before the kill"
+    time.sleep(2)  # let Tune write its experiment state
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_ids = {r.data.tags["trial_id"]: r.info.end_time for r in finished}
+
+    result = sweep(cfg, resume=True, name=name, quiet=True)
+    assert len(result.trials) == 4 and all(t["error"] is None for t in result.trials)
+    assert len({t["trial_id"] for t in result.trials}) == 4
+    _, children = child_runs(cfg, result.parent_run_id)
+    assert len(children) == 4, "one MLflow run per trial, none duplicated"
+    for run in children:
+        history = c.get_metric_history(run.info.run_id, "test/acc")
+        assert sorted(m.step for m in history) == [0, 1], "every epoch once"
+        if run.data.tags["trial_id"] in finished_ids:
+            assert run.info.end_time == finished_ids[run.data.tags["trial_id"]], "finished trials were not re-run"
+
+
+def sweep_config_overrides(tmp_path):
+    return [
+        "data.num_train=1500", "data.num_test=300", "model.width=0.125", "train.epochs=2", "train.t_max=2",
+        "train.batch_size=64", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=sweeptest",
+        f"ray.storage_path={tmp_path}/ray",
+    ]
+
+
+def test_resume_without_a_sweep_is_one_clear_error(ray_cluster, tmp_path):
+    with pytest.raises(ConfigError, match="no sweep to resume"):
+        sweep(sweep_config(tmp_path), resume=True, quiet=True)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("sweep.space={regularization.dropout.rat: {type: uniform, low: 0, high: 1}}", "not a config field"),
+        ("sweep.space={regularization.dropout.rate: {type: uniform, low: 0.6, high: 0.1}}", "must not exceed"),
+        ("sweep.space={regularization.gradient_penalty.lambda: {type: loguniform, low: 0, high: 1}}", "low > 0"),
+        ("sweep.space={tracking.experiment: {type: uniform, low: 0, high: 1}}", "not numeric"),
+    ],
+)
+def test_bad_search_space_is_refused_before_ray_starts(run_study, tmp_path, override, needle):
+    out = run_study("sweep", "--config", str(QUICKSTART), "--set", override, cwd=tmp_path)
+    assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
