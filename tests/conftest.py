@@ -20,6 +20,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread (OpenMP spin-waits stall on a shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def run_study():
     """Run the ``study`` CLI in a subprocess; returns CompletedProcess (text)."""
 

@@ -14,13 +14,7 @@ from trainables.models import vgg16
 from trainables.regularizers import build_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (OpenMP spin-waits stall on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def algorithm1_mask(image: list[list[float]], gamma: float) -> list[float]:

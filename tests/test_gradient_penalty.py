@@ -26,13 +26,7 @@ from trainables.regularizers import batch_loss
 LAM = 0.3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (OpenMP spin-waits stall on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_net(*extra: nn.Module, classes: int = 5) -> nn.Sequential:

@@ -67,15 +67,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def _device_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def train_one_epoch(model, loader, optimizer, reg_cfg, autocast_dtype, scaler, device) -> torch.Tensor:
     """One pass over ``loader``; returns summed (loss, correct, images, penalty) on ``device``."""
     model.train()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for x, y in loader:
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            loss, logits, logs = batch_loss(model, x, y, reg_cfg)
+        with _autocast(device, autocast_dtype):
+            loss, logits, logs = batch_loss(model, _device_batch(x, device), y, reg_cfg)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -99,10 +105,8 @@ def evaluate(model: nn.Module, loader, autocast_dtype, device) -> torch.Tensor:
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in loader:
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            logits = model(x)
+        with _autocast(device, autocast_dtype):
+            logits = model(_device_batch(x, device))
         loss = F.cross_entropy(logits.float(), y, reduction="sum")
         sums += torch.stack([loss.double(), (logits.argmax(1) == y).sum().double(),
                              torch.tensor(float(y.shape[0]), device=device)])
