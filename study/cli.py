@@ -118,6 +118,74 @@ def sweep_cmd(
     typer.echo(f"see the runs: {ui_hint(cfg)}")
 
 
+CheckpointArg = Annotated[
+    str, typer.Option("--checkpoint", help="A checkpoint.pt (or its folder), or the MLflow run id that logged one.")
+]
+LayerOpt = Annotated[Optional[str], typer.Option("--layer", help="Unit layer, e.g. conv5_3 (default: ablation.layer).")]
+UnitsOpt = Annotated[Optional[str], typer.Option("--units", help="Only these units, e.g. 0,5,9 (default: all).")]
+
+
+@app.command("ablate")
+def ablate_cmd(
+    checkpoint: CheckpointArg,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    layer: LayerOpt = None,
+    units: UnitsOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: outputs/ablation-<run>).")] = None,
+) -> None:
+    """Remove each unit of a layer in turn and measure per-class test accuracy (Ray tasks; resumable)."""
+    from study.ablate import ablation_summary, run_ablation
+    from study.tracking import ui_hint
+
+    result = run_ablation(checkpoint, config, set_, layer=layer, units=units, out=out)
+    for line in ablation_summary(result):
+        typer.echo(line)
+    typer.echo(f"see the run: {ui_hint(result.cfg)}")
+
+
+@app.command("intervene")
+def intervene_cmd(
+    checkpoint: CheckpointArg,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    layer: LayerOpt = None,
+    units: Annotated[Optional[str], typer.Option("--units", help="Candidate units, e.g. 0,5,9 (default: all).")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Worst and best units to intervene on.")] = None,
+    factors: Annotated[Optional[str], typer.Option("--factors", help="Factors tried in order, e.g. 2,3.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: outputs/intervention-<run>).")] = None,
+) -> None:
+    """Table 1: damp or boost the worst/best units (selected on held-out train images), reported on test."""
+    from study.intervene import intervention_summary, run_intervention
+    from study.tracking import ui_hint
+
+    result = run_intervention(checkpoint, config, set_, layer=layer, units=units, top_k=top_k, factors=factors,
+                              out=out)
+    for line in intervention_summary(result):
+        typer.echo(line)
+    typer.echo(f"see the run: {ui_hint(result.cfg)}")
+
+
+@app.command("report")
+def report_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    experiment: Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment (default: tracking.experiment).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default: outputs/report-<experiment>).")] = None,
+) -> None:
+    """Rebuild the paper's Table 2 from the runs in MLflow (mean +- 95% CI over seeds)."""
+    from study.config import load_config
+    from study.report import report
+
+    cfg = load_config(config, set_)
+    r = report(cfg, experiment, out)
+    typer.echo("Table 2: accuracy per method (mean ± 95% CI half-width over seeds; n = runs)")
+    typer.echo(r.markdown)
+    if r.excluded:
+        typer.echo("left out: " + ", ".join(f"{n} trial run(s) {why.replace('_', ' ')}" for why, n in r.excluded.items()))
+    typer.echo(f"written to {r.out_dir}" + (f"; logged to MLflow run {r.logged_to}" if r.logged_to else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: user errors become one line on stderr and exit 2.
 

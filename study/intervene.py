@@ -1,0 +1,242 @@
+"""``study intervene``: the paper's Table 1, with units selected on one split and reported on another.
+
+Paper: PAPER.md section 2 items 2-3 (Kim, Samith, Utama Table 1). The
+computation is :mod:`analysis.intervention`; this is its driver:
+
+1. selection split = ``ablation.holdout_fraction`` of the train split
+   (:func:`study.ablate.selection_split`, deterministic), report split = test;
+2. per-unit ablation on the selection split (fanned out and resumable exactly
+   like ``study ablate``) gives the worst-k units (removal raises accuracy most)
+   and the best-k (removal lowers it most), k = ``ablation.top_k``;
+3. every intervention of :func:`analysis.intervention.table1_interventions`
+   (output and weight, divided and multiplied by each of ``ablation.factors``)
+   is evaluated on data shards of both splits as Ray tasks and the counts are
+   summed; :func:`analysis.intervention.intervention_table` applies the paper's
+   rule (stop raising the factor once accuracy falls below baseline) judged on
+   the selection split;
+4. Table 1 is printed (Markdown) and logged as CSV and Markdown to an MLflow run
+   tagged ``kind=intervention``, linked to the checkpoint's run like ``study ablate``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.ablation import AblationCounts, best_units, rank_units, worst_units
+from analysis.hooks import check_units
+from analysis.intervention import InterventionCounts, intervention_table, table1_interventions
+from study.ablate import (
+    FanOut,
+    Shared,
+    Source,
+    Split,
+    _common_job,
+    _job_hash,
+    _plan,
+    _shard_bounds,
+    _task_resources,
+    ablation_counts,
+    check_model,
+    fan_out,
+    log_run,
+    prepare,
+    put_shared,
+    selection_split,
+    report_split,
+)
+from study.config import StudyConfig
+from study.runtime import init_ray
+from trainables.errors import ConfigError
+
+__all__ = ["InterventionResult", "intervene", "markdown_table", "run_intervention", "table1_display"]
+
+
+@dataclass
+class InterventionResult:
+    table: pd.DataFrame  # intervention_table(report, selection)
+    selection_ablation: AblationCounts
+    report: InterventionCounts
+    selection: InterventionCounts
+    worst: list[int]
+    best: list[int]
+    out_dir: Path
+    files: list[Path]
+    run_id: str
+    source: Source
+    fan_outs: dict[str, FanOut]
+    cfg: StudyConfig
+
+
+def intervention_counts_fanned(
+    cfg: StudyConfig,
+    source: Source,
+    split: Split,
+    plan: list,
+    shared: Shared,
+    *,
+    out_dir: Path | None,
+    num_shards: int | None = None,
+    quiet: bool = False,
+) -> tuple[InterventionCounts, FanOut]:
+    """:func:`analysis.intervention.intervention_counts` of ``plan`` on ``split``, over data shards, summed."""
+    plan_dicts = [asdict(iv) for iv in plan]
+    identity = {"kind": "intervention", "checkpoint": source.fingerprint, "split": split.name,
+                "indices": _job_hash({"i": split.indices}), "layer": cfg.ablation.layer, "plan": plan_dicts,
+                "data": cfg.dump()["data"]}
+    parts_dir = out_dir / "parts" / f"intervention-{split.name}-{_job_hash(identity)}" if out_dir else None
+
+    def make() -> dict:
+        shards = num_shards or max(1, min(_task_resources(cfg)[1], split.num_images // 32))
+        return {"shards": _shard_bounds(split.num_images, shards)}
+
+    grid = _plan(parts_dir, identity, make)
+    common = _common_job(cfg, split)
+    images, labels = shared.arrays[split.name]
+    jobs = {
+        f"shard{s:03d}": ({**common, "kind": "intervention", "interventions": plan_dicts,
+                           "indices": shared.indices(split, lo, hi)}, images, labels)
+        for s, (lo, hi) in enumerate(grid["shards"])
+    }
+    done = fan_out(cfg, jobs, shared.state, parts_dir=parts_dir, desc=f"interventions ({split.name})", quiet=quiet)
+    parts = [InterventionCounts.from_state_dict(done.results[k]) for k in jobs]
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total, done
+
+
+def table1_display(table: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 for people: a baseline row, then one row per intervention tried, accuracies in %."""
+    pct = lambda v: f"{v * 100:.2f}%"  # noqa: E731
+    first = table.iloc[0]
+    rows = [{"units": "-", "intervention": "baseline (none)", "test acc": pct(first["baseline"]), "change": "",
+             "selection acc": pct(first["selection_baseline"]), "stop": ""}]
+    for _, r in table.iterrows():
+        sign = "/" if r["operation"] == "divide" else "x"
+        rows.append({
+            "units": r["units"],
+            "intervention": f"{r['intervention']} {sign}{r['factor']:g}",
+            "test acc": pct(r["accuracy"]),
+            "change": f"{r['change'] * 100:+.2f} pt",
+            "selection acc": pct(r["selection_accuracy"]),
+            "stop": "below baseline" if r["below_baseline"] else "",
+        })
+    return pd.DataFrame(rows)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub Markdown table (pandas' ``to_markdown`` needs tabulate, which we do not depend on)."""
+    cols = [str(c) for c in df.columns]
+    cells = [[str(v) for v in row] for row in df.itertuples(index=False)]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cols), "| " + " | ".join("-" * w for w in widths) + " |", *map(line, cells)])
+
+
+def intervene(
+    cfg: StudyConfig,
+    source: Source,
+    *,
+    out_dir: Path,
+    num_shards: int | None = None,
+    quiet: bool = False,
+) -> InterventionResult:
+    """Select worst/best units on the held-out train images, evaluate Table 1 on both splits, write and log it."""
+    model = check_model(source, cfg)
+    layer, k = cfg.ablation.layer, cfg.ablation.top_k
+    candidates = check_units(model, layer, cfg.ablation.units).tolist()
+    if 2 * k > len(candidates):
+        raise ConfigError(
+            f"ablation.top_k = {k} needs {2 * k} units (worst and best) but '{layer}' offers {len(candidates)}; "
+            "lower ablation.top_k"
+        )
+    if not cfg.ablation.factors or any(not f > 0 for f in cfg.ablation.factors):
+        raise ConfigError(f"ablation.factors must be positive numbers, got {cfg.ablation.factors}")
+    selection, report = selection_split(cfg), report_split(cfg)
+    init_ray(cfg)
+    shared = put_shared(cfg, source, [selection, report])
+    fans: dict[str, FanOut] = {}
+    ablation, fans["ablation"] = ablation_counts(cfg, source, selection, candidates, shared, out_dir=out_dir,
+                                                 num_shards=num_shards, quiet=quiet)
+    worst, best = worst_units(ablation, k), best_units(ablation, k)
+    plan = table1_interventions(worst, best, factors=cfg.ablation.factors)
+    counts = {}
+    for split in (selection, report):
+        counts[split.name], fans[split.name] = intervention_counts_fanned(
+            cfg, source, split, plan, shared, out_dir=out_dir, num_shards=num_shards, quiet=quiet)
+    table = intervention_table(counts["test"], counts["selection"])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / "table1.csv", out_dir / "table1.md", out_dir / "units_ranked_selection.csv"]
+    table.to_csv(files[0], index=False)
+    files[1].write_text(
+        f"# Table 1: {layer} interventions\n\nUnits selected on {selection.num_images} held-out train images "
+        f"(worst-{k}: {' '.join(map(str, worst))}; best-{k}: {' '.join(map(str, best))}); accuracy reported on "
+        f"{report.num_images} test images.\n\n{markdown_table(table1_display(table))}\n"
+    )
+    rank_units(ablation).to_csv(files[2], index=False)
+    run_id = log_run(
+        cfg, source, kind="intervention", name=f"intervention-{layer}-{source.name}",
+        metrics={"test/baseline_acc": counts["test"].baseline_accuracy,
+                 "selection/baseline_acc": counts["selection"].baseline_accuracy,
+                 "test/best_intervention_change": float(table["change"].max())},
+        params={"intervention.worst_units": " ".join(map(str, worst)),
+                "intervention.best_units": " ".join(map(str, best)),
+                "intervention.selection_images": selection.num_images,
+                "intervention.report_images": report.num_images},
+        files=files,
+    )
+    return InterventionResult(table, ablation, counts["test"], counts["selection"], worst, best, out_dir, files,
+                              run_id, source, fans, cfg)
+
+
+def _factors_option(factors: str | None) -> list[str]:
+    if factors is None:
+        return []
+    try:
+        values = [float(f) for f in factors.split(",") if f.strip()]
+    except ValueError:
+        raise ConfigError(f"--factors expects comma-separated numbers such as 2,3, got '{factors}'") from None
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise ConfigError(f"--factors must be positive numbers such as 2,3, got '{factors}'")
+    return [f"ablation.factors={json.dumps(values)}"]
+
+
+def run_intervention(
+    checkpoint: str,
+    config_path: str | Path | None = None,
+    overrides: Sequence[str] | None = None,
+    *,
+    layer: str | None = None,
+    units: str | None = None,
+    top_k: int | None = None,
+    factors: str | None = None,
+    out: Path | None = None,
+    num_shards: int | None = None,
+    quiet: bool = False,
+) -> InterventionResult:
+    """``study intervene``: resolve, check, select, intervene, write, log."""
+    extra = _factors_option(factors) + ([f"ablation.top_k={top_k}"] if top_k is not None else [])
+    with tempfile.TemporaryDirectory(prefix="unitstudy-ckpt-") as tmp:
+        cfg, source = prepare(checkpoint, config_path, overrides, layer=layer, units=units, workdir=Path(tmp),
+                              extra=extra)
+        out_dir = Path(out) if out is not None else Path("outputs") / f"intervention-{source.name}"
+        return intervene(cfg, source, out_dir=out_dir, num_shards=num_shards, quiet=quiet)
+
+
+def intervention_summary(result: InterventionResult) -> list[str]:
+    src = f", source run {result.source.run_id}" if result.source.run_id else ""
+    return [
+        markdown_table(table1_display(result.table)),
+        f"units selected on {result.selection.total.sum().item()} held-out train images: "
+        f"worst {' '.join(map(str, result.worst))}; best {' '.join(map(str, result.best))}",
+        f"outputs: {result.out_dir}/ ({', '.join(f.name for f in result.files)})",
+        f"MLflow run {result.run_id} (kind=intervention{src})",
+    ]

@@ -1,0 +1,263 @@
+"""The ablation and intervention drivers (`study ablate`, `study intervene`): Ray fan-out, resume, outputs, MLflow.
+
+A tiny random VGG-16-BN (width 1/16: 32 conv5_3 units) on 200 generated test
+images and 200 held-out train images; every Ray test uses the session cluster.
+References are computed in this process on the same images in the same batches
+(the shards, one after another), so counts must agree exactly.
+"""
+
+import itertools
+import os
+
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from analysis.ablation import ablate_units, model_from_state_dict
+from analysis.intervention import run_table1
+from study.ablate import ablate, prepare, run_ablation, selection_split, report_split
+from study.cli import main
+from study.config import load_config
+from study.intervene import run_intervention
+from trainables.checkpoint import checkpoint_dict, save_checkpoint
+from trainables.data import MEAN_STD, DeviceLoader, load_arrays
+from trainables.models import vgg16
+
+from .conftest import ROOT
+
+NUM_CLASSES = 20
+UNITS = 32  # conv5_3 at width 1/16
+SHARDS = 2
+CHUNK = 12  # 32 units -> chunks of 12, 12, 8: a 3 x 2 grid of tasks
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    return vgg16("cifar", batch_norm=kw.get("batch_norm", True), width=0.0625, num_classes=kw.get("num_classes", 20))
+
+
+def briefly_trained(cfg):
+    """A few SGD epochs on the train images, so predictions vary and ablations change some of them."""
+    model = tiny_model()
+    images, labels = load_arrays(cfg.dump()["data"], train=True)
+    mean, std = MEAN_STD[cfg.data.name]
+    loader = DeviceLoader(images, labels, batch_size=50, mean=mean, std=std, train=True, augment=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for epoch in range(6):
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def cli(*args: str) -> int:
+    """``study`` in this process (the session's Ray cluster is reused): the exit code."""
+    try:
+        return main(list(args))
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.fixture(scope="module")
+def setup(ray_cluster, tmp_path_factory):
+    """A checkpoint saved by a fake training run: MLflow parent + trial run with the artifact and checkpoint_uri."""
+    tmp = tmp_path_factory.mktemp("ablate").resolve()
+    old_cwd = os.getcwd()
+    os.chdir(tmp)  # MLflow's default artifact root (./mlruns) and outputs/ land here
+    sets = [
+        "data.num_train=400",
+        "data.num_test=200",
+        "model.width=0.0625",
+        "ablation.holdout_fraction=0.5",
+        f"tracking.mlflow_uri=sqlite:///{tmp}/mlflow.db",
+        "tracking.experiment=test",
+        f"ray.storage_path={tmp}/ray",
+    ]
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", sets)
+    folder = tmp / "ray" / "train-t0" / "checkpoint_0"
+    path = save_checkpoint(folder / "checkpoint.pt", checkpoint_dict(briefly_trained(cfg), epoch=6, config=cfg.dump()))
+    client = MlflowClient(cfg.tracking.mlflow_uri)
+    exp = client.create_experiment("test")
+    parent = client.create_run(exp, run_name="train-parent").info.run_id
+    trial = client.create_run(exp, run_name="trial", tags={"mlflow.parentRunId": parent,
+                                                           "checkpoint_uri": str(folder)}).info.run_id
+    client.log_artifacts(trial, str(folder), artifact_path="checkpoint")
+    bare = client.create_run(exp, run_name="no-checkpoint").info.run_id
+    yield {"tmp": tmp, "cfg": cfg, "path": path, "client": client, "parent": parent, "trial": trial, "bare": bare,
+           "sets": ["tracking.mlflow_uri=" + cfg.tracking.mlflow_uri, f"ablation.unit_chunk={CHUNK}"]}
+    os.chdir(old_cwd)
+
+
+def shard_batches(cfg, split):
+    """The driver's data shards, batched as its tasks batch them, one after another (single process)."""
+    images, labels = load_arrays(cfg.dump()["data"], train=split.train)
+    mean, std = MEAN_STD[cfg.data.name]
+    n = split.num_images
+    loaders = []
+    for s in range(SHARDS):
+        idx = split.indices[s * n // SHARDS : (s + 1) * n // SHARDS]
+        loaders.append(DeviceLoader(images[idx], labels[idx], batch_size=256, mean=mean, std=std, train=False))
+    return list(itertools.chain(*loaders))
+
+
+@pytest.fixture(scope="module")
+def first_run(setup):
+    return run_ablation(str(setup["path"]), overrides=setup["sets"], out=setup["tmp"] / "out", num_shards=SHARDS,
+                        quiet=True)
+
+
+def single_process_counts(setup):
+    cfg = setup["cfg"]
+    model = model_from_state_dict(torch.load(setup["path"], weights_only=True), device="cpu")
+    return ablate_units(model, "conv5_3", shard_batches(cfg, report_split(cfg)), device="cpu", num_classes=NUM_CLASSES)
+
+
+def assert_same_counts(a, b):
+    assert torch.equal(a.units, b.units)
+    assert torch.equal(a.correct, b.correct)
+    assert torch.equal(a.total, b.total)
+    assert torch.equal(a.baseline_correct, b.baseline_correct)
+
+
+def test_ray_fanned_ablation_equals_single_process(setup, first_run):
+    assert len(first_run.fan_out.computed) == 3 * SHARDS, "3 unit chunks x 2 data shards"
+    assert_same_counts(first_run.counts, single_process_counts(setup))
+    assert first_run.counts.num_images == 200
+    changed = (first_run.counts.correct != first_run.counts.baseline_correct).any(1)
+    assert changed.sum() >= 3, "a non-trivial comparison: several ablations change some class's count"
+
+
+def test_task_failing_once_is_retried_and_every_unit_appears_once(setup, tmp_path):
+    cfg, source = prepare(str(setup["path"]), None, setup["sets"], layer=None, units=None, workdir=tmp_path)
+    faults = tmp_path / "faults"
+    result = ablate(cfg, source, out_dir=tmp_path / "out", num_shards=SHARDS, quiet=True, fail_once_dir=faults)
+    assert len(list(faults.iterdir())) == 3 * SHARDS, "every task failed on its first attempt"
+    assert result.counts.units.tolist() == list(range(UNITS)), "each unit exactly once, in order"
+    assert_same_counts(result.counts, single_process_counts(setup))
+
+
+def test_rerun_reuses_finished_parts_and_recomputes_only_a_missing_one(setup, first_run):
+    again = run_ablation(str(setup["path"]), overrides=setup["sets"], out=setup["tmp"] / "out", quiet=True)
+    assert again.fan_out.computed == [] and len(again.fan_out.reused) == 3 * SHARDS
+    (part,) = (setup["tmp"] / "out" / "parts").glob("ablation-test-*/chunk001-shard000.pt")
+    part.unlink()
+    resumed = run_ablation(str(setup["path"]), overrides=setup["sets"], out=setup["tmp"] / "out", quiet=True)
+    assert resumed.fan_out.computed == ["chunk001-shard000"]
+    assert_same_counts(resumed.counts, first_run.counts)
+
+
+def test_outputs_have_tidy_columns_and_the_mlflow_run_links_to_the_training_run(setup, first_run):
+    out = setup["tmp"] / "out"
+    tidy = pd.read_parquet(out / "ablation.parquet")
+    assert {"unit", "class", "accuracy", "baseline_accuracy", "change"} <= set(tidy.columns)
+    assert len(tidy) == UNITS * NUM_CLASSES
+    assert pd.read_csv(out / "ablation.csv").shape == tidy.shape
+    ranked = pd.read_csv(out / "units_ranked.csv")
+    assert sorted(ranked["unit"]) == list(range(UNITS)) and {"rank", "verdict", "change"} <= set(ranked.columns)
+    per_class = pd.read_csv(out / "units_ranked_per_class.csv")
+    assert set(per_class["verdict"]) == {"good", "bad"}
+    for png in ("unit_change.png", "heatmap.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+    client = setup["client"]
+    run = client.get_run(first_run.run_id)
+    assert run.data.tags["kind"] == "ablation"
+    assert run.data.tags["source_run_id"] == setup["trial"], "found by the trial run's checkpoint_uri tag"
+    assert run.data.tags["mlflow.parentRunId"] == setup["parent"], "nests in the training study"
+    baseline = first_run.counts.baseline_correct.sum().item() / 200
+    assert run.data.metrics["test/baseline_acc"] == pytest.approx(baseline)
+    logged = {a.path for a in client.list_artifacts(first_run.run_id)}
+    assert {"ablation.parquet", "ablation.csv", "units_ranked.csv", "units_ranked_per_class.csv",
+            "unit_change.png", "heatmap.png"} <= logged
+
+
+def test_ablate_by_run_id_downloads_the_artifact_and_prints_a_summary(setup, capsys):
+    code = cli("ablate", "--checkpoint", setup["trial"], "--units", "0,5,9", "--out", str(setup["tmp"] / "by-id"),
+                 *itertools.chain.from_iterable(("--set", s) for s in setup["sets"]))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "3 units ablated" in out and "baseline accuracy" in out and "worst units" in out
+    run_id = out.split("MLflow run ")[1].split()[0]
+    tags = setup["client"].get_run(run_id).data.tags
+    assert tags["source_run_id"] == setup["trial"] and tags["mlflow.parentRunId"] == setup["parent"]
+
+
+def test_intervene_matches_single_process_table1_and_logs_it(setup, capsys):
+    sets = setup["sets"] + ["ablation.top_k=2"]
+    result = run_intervention(str(setup["path"]), overrides=sets, factors="2,3", out=setup["tmp"] / "iv",
+                              num_shards=SHARDS, quiet=True)
+    cfg = result.cfg
+    model = model_from_state_dict(torch.load(setup["path"], weights_only=True), device="cpu")
+    expected = run_table1(model, "conv5_3", selection_batches=shard_batches(cfg, selection_split(cfg)),
+                          report_batches=shard_batches(cfg, report_split(cfg)), device="cpu",
+                          num_classes=NUM_CLASSES, k=2, factors=(2.0, 3.0))
+    pd.testing.assert_frame_equal(result.table, expected)
+    assert result.selection.total.sum() == 200 and result.report.total.sum() == 200, "held-out train vs test"
+
+    run = setup["client"].get_run(result.run_id)
+    assert run.data.tags["kind"] == "intervention" and run.data.tags["source_run_id"] == setup["trial"]
+    assert {"table1.csv", "table1.md"} <= {a.path for a in setup["client"].list_artifacts(result.run_id)}
+    assert "| baseline (none)" in (setup["tmp"] / "iv" / "table1.md").read_text()
+
+    # the CLI prints Table 1 (the parts are reused, so this is quick)
+    code = cli("intervene", "--checkpoint", str(setup["path"]), "--top-k", "2", "--factors", "2,3",
+               "--out", str(setup["tmp"] / "iv"), *itertools.chain.from_iterable(("--set", s) for s in sets))
+    printed = capsys.readouterr().out
+    assert code == 0 and "| units" in printed and "baseline (none)" in printed and "worst-2" in printed
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def one_error_line(stderr: str, *needles: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_cli_unknown_layer_and_corrupt_file_exit_2_with_one_line(setup, run_study, tmp_path):
+    r = run_study("ablate", "--checkpoint", str(setup["path"]), "--layer", "conv5_4", cwd=setup["tmp"])
+    assert r.returncode == 2
+    one_error_line(r.stderr, "conv5_4", "conv5_3")
+    corrupt = tmp_path / "checkpoint.pt"
+    corrupt.write_bytes(setup["path"].read_bytes()[:500])
+    r = run_study("ablate", "--checkpoint", str(corrupt), cwd=tmp_path)
+    assert r.returncode == 2
+    one_error_line(r.stderr, "not a readable torch checkpoint")
+
+
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("unit out of range", ("unit 32 is out of range", "0..31")),
+        ("another class count", ("num_classes=10", "num_classes=20")),
+        ("another architecture", ("batch_norm=False",)),
+        ("unknown run id", ("no MLflow run",)),
+        ("run without checkpoint", ("no checkpoint/checkpoint.pt artifact",)),
+        ("missing file", ("no checkpoint file",)),
+        ("bad --units", ("--units expects",)),
+    ],
+)
+def test_bad_inputs_give_one_clear_error_line(setup, tmp_path, capsys, case, needles):
+    sets = ["--set", "tracking.mlflow_uri=" + setup["cfg"].tracking.mlflow_uri]
+    quick = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--set", "model.width=0.0625", *sets]
+    args = {
+        "unit out of range": ["--checkpoint", str(setup["path"]), "--units", "0,32", *sets],
+        "another class count": ["--checkpoint", str(tmp_path / "c10.pt"), *quick],
+        "another architecture": ["--checkpoint", str(tmp_path / "nobn.pt"), *quick],
+        "unknown run id": ["--checkpoint", "0123456789abcdef0123456789abcdef", *sets],
+        "run without checkpoint": ["--checkpoint", setup["bare"], *sets],
+        "missing file": ["--checkpoint", str(tmp_path / "nothing.pt"), *sets],
+        "bad --units": ["--checkpoint", str(setup["path"]), "--units", "3,x", *sets],
+    }[case]
+    # bare state dicts (no config): the --config decides what they must be
+    save_checkpoint(tmp_path / "c10.pt", tiny_model(num_classes=10).state_dict())
+    save_checkpoint(tmp_path / "nobn.pt", tiny_model(batch_norm=False).state_dict())
+    assert cli("ablate", *args) == 2
+    one_error_line(capsys.readouterr().err, *needles)
