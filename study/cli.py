@@ -181,6 +181,9 @@ def report_cmd(
     r = report(cfg, experiment, out)
     typer.echo("Table 2: accuracy per method (mean ± 95% CI half-width over seeds; n = runs)")
     typer.echo(r.markdown)
+    if r.table1:
+        typer.echo("\nTable 1: unit interventions (latest `study intervene` run)")
+        typer.echo(r.table1)
     if r.excluded:
         typer.echo("left out: " + ", ".join(f"{n} trial run(s) {why.replace('_', ' ')}" for why, n in r.excluded.items()))
     typer.echo(f"written to {r.out_dir}" + (f"; logged to MLflow run {r.logged_to}" if r.logged_to else ""))
