@@ -15,9 +15,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/study data summary --config configs/quickstart.yaml
-	$(BIN)/study train --config configs/quickstart.yaml
-	@echo "quickstart: the sweep, ablation, dissection and the report are not built yet; this ran what exists."
+	$(BIN)/study quickstart --config configs/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

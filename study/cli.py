@@ -189,6 +189,33 @@ def report_cmd(
     typer.echo(f"written to {r.out_dir}" + (f"; logged to MLflow run {r.logged_to}" if r.logged_to else ""))
 
 
+@app.command("quickstart")
+def quickstart_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """The whole pipeline offline: a short sweep, ablation and interventions of the best trial, the report."""
+    from study.quickstart import quickstart
+
+    default = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    quickstart(config or default, set_, echo=typer.echo)
+
+
+@app.command("dissect")
+def dissect_cmd(
+    checkpoint: CheckpointArg,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="Unit layer, e.g. conv5_3 (default: dissection.layer).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: outputs/dissection-<run>).")] = None,
+) -> None:
+    """Network dissection: label each unit with the concept its top activations overlap best (Ray tasks)."""
+    from study.dissect import dissection_summary, run_dissection
+    from study.tracking import ui_hint
+
+    result = run_dissection(checkpoint, config, set_, layer=layer, out=out)
+    for line in dissection_summary(result):
+        typer.echo(line)
+    typer.echo(f"see the run: {ui_hint(result.cfg)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: user errors become one line on stderr and exit 2.
 

@@ -1,0 +1,61 @@
+"""``study quickstart``: the whole pipeline, offline, in one command.
+
+A short sweep on the generated shapes data, then per-unit ablation and the
+Table 1 interventions of the best trial's checkpoint, then the report. Every
+step is an ordinary command's function, so every run lands in MLflow exactly as
+it would from the separate commands.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from study.config import load_config
+from trainables.errors import UnitstudyError
+
+
+def quickstart(
+    config_path: str | Path,
+    overrides: Sequence[str] | None = None,
+    *,
+    echo: Callable[[str], None] = print,
+    quiet: bool = False,
+) -> dict:
+    """Run sweep -> ablate -> intervene -> report; returns what each step produced."""
+    from study.ablate import ablation_summary, run_ablation
+    from study.intervene import intervention_summary, run_intervention
+    from study.report import report
+    from study.sweep import sweep
+    from study.tracking import ui_hint
+
+    cfg = load_config(config_path, overrides)
+    t0 = time.perf_counter()
+
+    echo(f"== 1/4 sweep: {cfg.sweep.num_samples} trials of {cfg.train.epochs} epochs on {cfg.data.name}")
+    swept = sweep(cfg, config_path=str(config_path), quiet=quiet)
+    done = [t for t in swept.trials if t["error"] is None and "test/acc" in t["metrics"] and t["run_id"]]
+    if not done:
+        raise UnitstudyError("every sweep trial failed; see the errors above")
+    best = max(done, key=lambda t: t["metrics"]["test/acc"])
+    echo(f"best trial {best['trial_id']}: test/acc {best['metrics']['test/acc']:.2%} (MLflow run {best['run_id']})")
+
+    echo(f"== 2/4 ablation of every {cfg.ablation.layer} unit of the best trial")
+    ablated = run_ablation(best["run_id"], config_path, overrides, quiet=quiet)
+    for line in ablation_summary(ablated):
+        echo(line)
+
+    echo("== 3/4 interventions on the worst and best units (Table 1)")
+    intervened = run_intervention(best["run_id"], config_path, overrides, quiet=quiet)
+    for line in intervention_summary(intervened):
+        echo(line)
+
+    echo("== 4/4 report")
+    r = report(cfg)
+    echo("Table 2: accuracy per method (mean ± 95% CI half-width over seeds; n = runs)")
+    echo(r.markdown)
+    if r.excluded:
+        echo("left out: " + ", ".join(f"{n} trial run(s) {why.replace('_', ' ')}" for why, n in r.excluded.items()))
+    echo(f"quickstart finished in {time.perf_counter() - t0:.0f} s; see every run: {ui_hint(cfg)}")
+    return {"sweep": swept, "best": best, "ablation": ablated, "intervention": intervened, "report": r}
