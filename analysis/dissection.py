@@ -1,0 +1,535 @@
+"""Network dissection: label each unit of a layer with the concept its top activations overlap best.
+
+Paper: PAPER.md section 1 (Kim, Samith, Utama section 2; Bau et al. 2017,
+"Network Dissection", and NetDissect-Lite). For unit u and image x, ``a_u(x, p)``
+is the unit's activation (a conv name means after its ReLU, see
+:func:`analysis.hooks.unit_layer`) upsampled bilinearly to the concept-mask
+resolution.
+
+Pass 1, thresholds (:func:`threshold_pass` -> :class:`TopActivations`): ``t_u``
+with ``P[a_u > t_u] = q`` over all images and positions, computed EXACTLY. With
+N positions in the whole dataset (images x mask pixels), ``k = floor(q N)``;
+``t_u`` is the (k+1)-th largest upsampled value of unit u, so exactly k
+positions lie strictly above it when values are distinct (the share above
+``t_u`` is ``floor(qN)/N``, within ``1/N`` of q; ties at ``t_u`` only lower it).
+Mergeable over data shards: each shard keeps its own top ``k+1`` values per
+unit (k from the *global* N, which the caller passes as ``total_positions``);
+the union's top ``k+1`` is the whole dataset's. Memory: ``U x (k+1)`` float32
+per shard (shapes, 500 images at 32x32, q = 0.01, 512 units: 10 MiB; full
+Broden at 112x112 with q = 0.005 would need ~4M values per unit, 8 GiB: too
+much, a sketch would be needed there - not built).
+
+Pass 2, IoU (:func:`iou_pass` -> :class:`ConceptCounts`): per unit x concept,
+integer counts summed over the whole dataset (not per-image means):
+intersection ``sum [a_u > t_u and s_c]``, unit area ``sum [a_u > t_u]`` and
+concept area ``sum s_c``; ``IoU = inter / (unit_area + concept_area - inter)``.
+Counts add over shards (``a + b``).
+
+Concept masks arrive as label maps: each batch is ``(images, labels)`` with
+labels (B, L, Hm, Wm) int64, every pixel a global concept id in 1..K (0 =
+none); L layers let several masks overlap (shapes: one layer per category;
+Broden: one per mask file, image-level labels fill a whole layer). Concept c is
+present at a pixel when any layer holds c. :class:`ConceptSet` names the ids.
+
+Speed: pass 1 can keep the layer's activations at their own (small) resolution
+(``keep_acts=True``) and pass 2 reuse them (``acts=``), so the network runs once
+per image; the forward pass stops at the dissected layer. Counting is exact in
+float32 matmuls because each chunk sums fewer than 2**24 ones.
+
+Concept labels (:func:`label_units`): each unit's best concept by IoU and its
+category; a detector when IoU >= ``iou_threshold`` (paper 0.04).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from analysis.hooks import eval_mode, retain_layers, unit_layer
+from trainables.errors import ConfigError, DataError
+
+__all__ = [
+    "ConceptCounts",
+    "ConceptSet",
+    "Dissection",
+    "TopActivations",
+    "dissect",
+    "iou_pass",
+    "label_units",
+    "layer_acts",
+    "ShapesConcepts",
+    "concept_batches",
+    "shapes_labels",
+    "shapes_concepts",
+    "threshold_pass",
+    "top_k_for",
+    "upsample",
+]
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+# Elements of one upsampled (images, units, positions) chunk: 2**24 (64 MiB float32); also
+# keeps every matmul's sum of ones below 2**24, so float32 counts are exact.
+_CHUNK_ELEMENTS = 2**24
+
+
+# --------------------------------------------------------------------------- concepts
+
+
+@dataclass(frozen=True)
+class ConceptSet:
+    """Names and categories of concept ids 1..K (id 0 = no concept).
+
+    Attributes:
+        names: (K,) concept names; ``names[i]`` is id ``i + 1``.
+        categories: (K,) the category of each concept (``shape``, ``colour``, ``object``...).
+    """
+
+    names: tuple[str, ...]
+    categories: tuple[str, ...]
+
+    def __post_init__(self):
+        if len(self.names) != len(self.categories):
+            raise ConfigError(f"{len(self.names)} concept names but {len(self.categories)} categories")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def category_names(self) -> list[str]:
+        return list(dict.fromkeys(self.categories))
+
+
+def shapes_concepts() -> ConceptSet:
+    """The shapes dataset's concepts: ids 1.. run over ``CONCEPTS[c]`` for c in ``CATEGORIES`` order."""
+    from trainables.data import CATEGORIES, CONCEPTS
+
+    names = tuple(n for c in CATEGORIES for n in CONCEPTS[c])
+    cats = tuple(c for c in CATEGORIES for _ in CONCEPTS[c])
+    return ConceptSet(names, cats)
+
+
+def shapes_labels(segmentation: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) uint8 per-category maps of ``ShapesData`` -> (N, 3, H, W) int64 global ids."""
+    from trainables.data import CATEGORIES, CONCEPTS
+
+    offsets = torch.tensor([0] + [len(CONCEPTS[c]) for c in CATEGORIES[:-1]]).cumsum(0).view(1, -1, 1, 1)
+    seg = segmentation.long()
+    return torch.where(seg > 0, seg + offsets, 0)
+
+
+class ShapesConcepts:
+    """Shapes images with their concept label maps; the same interface as :class:`analysis.broden.BrodenData`.
+
+    ``num_images``, ``mask_size``, ``concepts`` and ``load(indices) -> (uint8
+    images (n, 3, H, W), int64 global-id label maps (n, 3, H, W))``.
+    """
+
+    def __init__(self, images: torch.Tensor, segmentation: torch.Tensor):
+        self.images, self.labels = images, shapes_labels(segmentation)
+        self.concepts = shapes_concepts()
+        self.mask_size = tuple(segmentation.shape[-2:])
+
+    @classmethod
+    def generate(cls, n: int, image_size: int = 32, seed: int = 0) -> ShapesConcepts:
+        from trainables.data import make_shapes
+
+        d = make_shapes(n, image_size, seed)
+        return cls(d.images, d.segmentation)
+
+    @property
+    def num_images(self) -> int:
+        return self.images.shape[0]
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def load(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[index], self.labels[index]
+
+
+def concept_batches(data, indices, *, batch_size: int, mean_std, device: str | torch.device = "cpu"):
+    """Evaluation batches (normalised float images, label maps) of ``data``'s images ``indices``, on ``device``.
+
+    A list (re-iterable: both passes read it); images are loaded batch by batch.
+    """
+    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) * 255 for v in mean_std)
+    indices = torch.as_tensor(indices, dtype=torch.long)
+    out = []
+    for i in range(0, indices.numel(), batch_size):
+        images, labels = data.load(indices[i : i + batch_size])
+        out.append(((images.to(device).float() - mean) / std, labels.to(device)))
+    return out
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class TopActivations:
+    """Pass 1: each unit's largest upsampled activations over some images; shards add up.
+
+    Attributes:
+        layer: the unit layer.
+        values: (U, k) float32, each row sorted descending (k = :func:`top_k_for`).
+        positions: positions seen (images x mask pixels).
+        image_max: (n, U) each image's largest upsampled activation per unit, images in order
+            (concatenated by ``+``: add shards in data order). Ranks Figure 3's images.
+    """
+
+    layer: str
+    values: torch.Tensor
+    positions: int
+    image_max: torch.Tensor
+
+    def __add__(self, other: TopActivations) -> TopActivations:
+        if self.layer != other.layer or self.values.shape[0] != other.values.shape[0]:
+            raise ConfigError("cannot merge top activations of different layers")
+        k = max(self.values.shape[1], other.values.shape[1])
+        both = torch.cat([self.values, other.values], 1)
+        values = both.topk(min(k, both.shape[1]), dim=1).values
+        return TopActivations(self.layer, values, self.positions + other.positions,
+                              torch.cat([self.image_max, other.image_max]))
+
+    def thresholds(self, quantile: float) -> torch.Tensor:
+        """(U,) ``t_u``: the (floor(q N) + 1)-th largest value, N = all positions seen."""
+        k = math.floor(quantile * self.positions)
+        if self.values.shape[1] <= k:
+            raise ConfigError(
+                f"kept {self.values.shape[1]} top values per unit but quantile {quantile} of {self.positions} "
+                f"positions needs {k + 1}: pass the whole dataset's total_positions to every shard"
+            )
+        return self.values[:, k].clone()
+
+    def state_dict(self) -> dict:
+        return {"layer": self.layer, "values": self.values, "positions": self.positions, "image_max": self.image_max}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> TopActivations:
+        return cls(d["layer"], d["values"], int(d["positions"]), d["image_max"])
+
+
+@dataclass
+class ConceptCounts:
+    """Pass 2: per unit x concept counts over some images; shards add up.
+
+    Attributes:
+        layer: the unit layer.
+        thresholds: (U,) the ``t_u`` used.
+        intersection: (U, K) int64 positions with ``a_u > t_u`` and concept c.
+        unit_area: (U,) int64 positions with ``a_u > t_u``.
+        concept_area: (K,) int64 positions with concept c.
+    """
+
+    layer: str
+    thresholds: torch.Tensor
+    intersection: torch.Tensor
+    unit_area: torch.Tensor
+    concept_area: torch.Tensor
+
+    def __add__(self, other: ConceptCounts) -> ConceptCounts:
+        if self.layer != other.layer or self.intersection.shape != other.intersection.shape:
+            raise ConfigError("cannot merge concept counts of different layers or concept sets")
+        if not torch.equal(self.thresholds, other.thresholds):
+            raise ConfigError("cannot merge concept counts computed with different thresholds")
+        return ConceptCounts(self.layer, self.thresholds, self.intersection + other.intersection,
+                             self.unit_area + other.unit_area, self.concept_area + other.concept_area)
+
+    @property
+    def iou(self) -> torch.Tensor:
+        """(U, K) float64 ``inter / (unit_area + concept_area - inter)``; 0 where the union is empty."""
+        inter = self.intersection.double()
+        union = self.unit_area.double()[:, None] + self.concept_area.double()[None, :] - inter
+        return torch.where(union > 0, inter / union.clamp_min(1), 0.0)
+
+    def state_dict(self) -> dict:
+        return {"layer": self.layer, "thresholds": self.thresholds, "intersection": self.intersection,
+                "unit_area": self.unit_area, "concept_area": self.concept_area}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> ConceptCounts:
+        return cls(d["layer"], d["thresholds"], d["intersection"], d["unit_area"], d["concept_area"])
+
+
+# --------------------------------------------------------------------------- activations
+
+
+class _Stop(Exception):
+    """Raised by a hook to end the forward pass at the dissected layer."""
+
+
+def _on(model: nn.Module, device: str | torch.device) -> nn.Module:
+    p = next(iter(model.parameters()), None)
+    if p is None or p.device == torch.device(device):
+        return model
+    return copy.deepcopy(model).to(device)
+
+
+def _site(model: nn.Module, layer: str) -> str:
+    """The module carrying ``layer``'s units (``conv5_3`` -> ``relu5_3``); other models: ``layer`` as is."""
+    return unit_layer(model, layer) if isinstance(model, nn.Sequential) else layer
+
+
+def layer_acts(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
+    """(B, U, h, w) float32 activations of ``layer``'s units for images ``x``; stops the forward pass there."""
+    site = _site(model, layer)
+    with retain_layers(model, [site]) as acts:
+        from trainables.models import resolve_layer
+
+        def stop(_m, _i, _o):
+            raise _Stop
+
+        handle = resolve_layer(model, site).register_forward_hook(stop)
+        try:
+            model(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+    a = acts[site]
+    if a.dim() != 4:
+        raise ConfigError(f"dissection needs a conv layer's (B, C, H, W) output; '{layer}' gives {tuple(a.shape)}")
+    return a.float()
+
+
+# Source positions up to which upsampling is one matmul with the Kronecker product of the
+# two axes' interpolation matrices (faster than F.interpolate on CPUs for small maps).
+_MATMUL_SOURCE = 64
+
+
+def _axis_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) bilinear weights along one axis, half-pixel centres, edges clamped (align_corners=False)."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    lam = src - i0
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    m[torch.arange(n_out), i0] += 1 - lam
+    m[torch.arange(n_out), i1] += lam
+    return m
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(h: int, w: int, size: tuple[int, int], device, dtype) -> torch.Tensor:
+    key = (h, w, size, str(device), dtype)
+    if key not in _KERNELS:
+        k = torch.kron(_axis_matrix(h, size[0]), _axis_matrix(w, size[1]))  # (H W, h w)
+        _KERNELS[key] = k.t().contiguous().to(device=device, dtype=dtype)  # (h w, H W)
+    return _KERNELS[key]
+
+
+def upsample(acts: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, U, h, w) -> (B, U, H, W) bilinear (align_corners=False), as both passes see ``a_u``.
+
+    Small maps (h w <= 64, e.g. conv5_3 of the cifar VGG, 2x2) go through one
+    matmul with the interpolation kernel; larger ones through ``F.interpolate``.
+    Both passes call this on the same chunks, so they see the same values.
+    """
+    b, u, h, w = acts.shape
+    if (h, w) == tuple(size):
+        return acts
+    if h * w <= _MATMUL_SOURCE:
+        k = _kernel(h, w, tuple(size), acts.device, acts.dtype)
+        return (acts.reshape(b * u, h * w) @ k).view(b, u, *size)
+    return F.interpolate(acts, size=size, mode="bilinear", align_corners=False)
+
+
+def _unit_major(acts: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(b, U, h, w) -> (U, b * P) upsampled values, unit-major, in a fresh buffer (P = H W)."""
+    b, u, h, w = acts.shape
+    p = size[0] * size[1]
+    a = acts.transpose(0, 1)  # (U, b, h, w): the small tensor is the one reordered
+    if (h, w) == tuple(size):
+        return a.reshape(u, b * p).clone()
+    if h * w <= _MATMUL_SOURCE:
+        return (a.reshape(u * b, h * w) @ _kernel(h, w, tuple(size), acts.device, acts.dtype)).view(u, b * p)
+    return upsample(a.reshape(u * b, 1, h, w), size).view(u, b * p)
+
+
+def _chunks(b: int, per_image: int) -> list[tuple[int, int]]:
+    step = max(1, _CHUNK_ELEMENTS // max(1, per_image))
+    return [(i, min(b, i + step)) for i in range(0, b, step)]
+
+
+def _batch_acts(model, layer, batches, acts, device):
+    """(acts, labels) per batch: ``acts[i]`` when given (pass 2 reusing pass 1), else the model's."""
+    for i, (x, labels) in enumerate(batches):
+        labels = labels.to(device)
+        if labels.dim() == 3:
+            labels = labels[:, None]
+        if acts is not None:
+            a = acts[i].to(device)
+        else:
+            a = layer_acts(model, layer, x.to(device))
+        if a.shape[0] != labels.shape[0]:
+            raise DataError(f"a batch has {a.shape[0]} images but {labels.shape[0]} label maps")
+        yield a, labels
+
+
+def top_k_for(quantile: float, total_positions: int) -> int:
+    """Values kept per unit in pass 1: ``floor(q N) + 1``."""
+    if not 0 < quantile < 1:
+        raise ConfigError(f"quantile must be in (0, 1), got {quantile}")
+    return min(total_positions, math.floor(quantile * total_positions) + 1)
+
+
+def threshold_pass(
+    model: nn.Module,
+    layer: str,
+    batches: Batches,
+    *,
+    quantile: float,
+    total_positions: int,
+    device: str | torch.device,
+    keep_acts: bool = False,
+) -> TopActivations | tuple[TopActivations, list[torch.Tensor]]:
+    """Pass 1 over ``batches`` (a data shard): each unit's top ``floor(q N) + 1`` upsampled values.
+
+    ``total_positions`` is N for the WHOLE dataset (images x mask pixels), so
+    shards merge exactly. With ``keep_acts`` also returns the layer's
+    activations per batch (CPU, own resolution) for :func:`iou_pass`.
+    """
+    k = top_k_for(quantile, total_positions)
+    work = _on(model, device)
+    top, seen, maxes, kept = None, 0, [], []
+    with eval_mode(work), torch.no_grad():
+        for a, labels in _batch_acts(work, layer, batches, None, device):
+            if keep_acts:
+                kept.append(a.cpu())
+            size = tuple(labels.shape[-2:])
+            u, p = a.shape[1], size[0] * size[1]
+            for lo, hi in _chunks(a.shape[0], u * p):
+                flat = _unit_major(a[lo:hi], size)  # (U, b P)
+                maxes.append(flat.view(u, hi - lo, p).amax(2).t().cpu())
+                flat = flat.topk(min(k, flat.shape[1]), dim=1).values
+                if top is not None:
+                    flat = torch.cat([top, flat], 1)
+                    flat = flat.topk(min(k, flat.shape[1]), dim=1).values
+                top = flat
+                seen += (hi - lo) * p
+    if top is None:
+        raise DataError("threshold_pass got no images")
+    result = TopActivations(layer, top.cpu(), seen, torch.cat(maxes))
+    return (result, kept) if keep_acts else result
+
+
+def iou_pass(
+    model: nn.Module | None,
+    layer: str,
+    batches: Batches,
+    thresholds: torch.Tensor,
+    *,
+    num_concepts: int,
+    device: str | torch.device,
+    acts: Sequence[torch.Tensor] | None = None,
+) -> ConceptCounts:
+    """Pass 2 over ``batches`` (a data shard): intersection, unit and concept areas per unit x concept.
+
+    ``acts`` (from ``threshold_pass(..., keep_acts=True)`` on the same batches)
+    skips the model. Concept ids above ``num_concepts`` are an error.
+    """
+    K = num_concepts
+    work = _on(model, device) if model is not None else None
+    t = thresholds.to(device).float()
+    U = t.numel()
+    inter = torch.zeros(U, K + 1, dtype=torch.long, device=device)
+    unit_area = torch.zeros(U, dtype=torch.long, device=device)
+    concept_area = torch.zeros(K + 1, dtype=torch.long, device=device)
+    lookup = torch.zeros(K + 1, dtype=torch.long, device=device)
+    ctx = eval_mode(work) if work is not None else _null()
+    with ctx, torch.no_grad():
+        for a, labels in _batch_acts(work, layer, batches, acts, device):
+            if a.shape[1] != U:
+                raise ConfigError(f"{U} thresholds for a layer with {a.shape[1]} units")
+            if int(labels.max()) > K or int(labels.min()) < 0:
+                raise DataError(f"label maps hold concept ids outside 0..{K}")
+            size = tuple(labels.shape[-2:])
+            b_all, L, p = labels.shape[0], labels.shape[1], size[0] * size[1]
+            present = labels.unique()
+            present = present[present > 0]  # (Kp,) ids in this batch
+            kp = present.numel()
+            lookup.zero_()
+            lookup[present] = torch.arange(1, kp + 1, device=device)
+            for lo, hi in _chunks(b_all, max(U, kp + 1) * p):  # = pass 1's chunks when Kp < U
+                b = hi - lo
+                on = _unit_major(a[lo:hi], size).sub_(t[:, None]).sign_().clamp_(min=0)  # (U, b P): [a_u > t_u]
+                if kp == 0:
+                    unit_area += on.sum(1).round().long()
+                    continue
+                compact = lookup[labels[lo:hi].reshape(b, L, p)]  # (b, L, P) in 0..Kp
+                masks = torch.zeros(b, kp + 1, p, device=device, dtype=on.dtype)
+                masks.scatter_(1, compact, 1.0)  # OR over layers
+                masks[:, 0] = 1  # column 0 of the product: the unit area
+                concept_area[present] += masks[:, 1:].sum((0, 2)).round().long()
+                prod = (on @ masks.transpose(1, 2).reshape(b * p, kp + 1)).round().long()  # (U, Kp + 1)
+                unit_area += prod[:, 0]
+                inter[:, present] += prod[:, 1:]
+    return ConceptCounts(layer, thresholds.cpu().float(), inter[:, 1:].cpu(), unit_area.cpu(),
+                         concept_area[1:].cpu())
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def label_units(counts: ConceptCounts, concepts: ConceptSet, iou_threshold: float = 0.04) -> pd.DataFrame:
+    """One row per unit: unit, label (best concept), category, iou, threshold, detector (iou >= cutoff).
+
+    Ties between concepts go to the lower id. A unit that never fires gets IoU 0
+    and the first concept; it is never a detector unless the cutoff is 0.
+    """
+    if counts.intersection.shape[1] != len(concepts):
+        raise ConfigError(f"counts for {counts.intersection.shape[1]} concepts but {len(concepts)} concept names")
+    iou = counts.iou
+    best_iou, best = iou.max(1)
+    return pd.DataFrame({
+        "unit": range(iou.shape[0]),
+        "label": [concepts.names[i] for i in best.tolist()],
+        "category": [concepts.categories[i] for i in best.tolist()],
+        "iou": best_iou.numpy(),
+        "threshold": counts.thresholds.double().numpy(),
+        "detector": (best_iou >= iou_threshold).numpy(),
+    })
+
+
+@dataclass
+class Dissection:
+    """What :func:`dissect` found: the merged passes and the per-unit table."""
+
+    top: TopActivations
+    counts: ConceptCounts
+    units: pd.DataFrame  # label_units(counts, concepts, iou_threshold)
+
+
+def dissect(
+    model: nn.Module,
+    layer: str,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    concepts: ConceptSet,
+    *,
+    device: str | torch.device,
+    quantile: float = 0.01,
+    iou_threshold: float = 0.04,
+) -> Dissection:
+    """Both passes in one process (the network runs once per image); ``batches`` is re-iterable."""
+    total = sum(lbl.shape[0] * lbl.shape[-2] * lbl.shape[-1] for _, lbl in batches)
+    top, acts = threshold_pass(model, layer, batches, quantile=quantile, total_positions=total, device=device,
+                               keep_acts=True)
+    t = top.thresholds(quantile)
+    counts = iou_pass(None, layer, batches, t, num_concepts=len(concepts), device=device, acts=acts)
+    return Dissection(top, counts, label_units(counts, concepts, iou_threshold))

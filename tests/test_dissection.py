@@ -1,0 +1,288 @@
+"""Network dissection (analysis/dissection.py) and the Broden reader (analysis/broden.py).
+
+Definitions checked independently of the code: a numpy bilinear upsampling and
+a numpy IoU over the whole set, thresholds by sorting all values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from analysis.dissection import (
+    ConceptCounts,
+    ShapesConcepts,
+    TopActivations,
+    concept_batches,
+    dissect,
+    iou_pass,
+    label_units,
+    threshold_pass,
+)
+from trainables.data import CATEGORIES, CONCEPTS, MEAN_STD, make_shapes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --------------------------------------------------------------------------- planted units
+
+
+class Planted(nn.Module):
+    """Images -> 4 designed channels at full resolution.
+
+    0: fires exactly on red pixels (from the pixels: R high, G and B low);
+    1: circle pixels, 2: stripes-texture pixels (looked up from the shapes
+    segmentation by the image's bytes: an oracle "precomputed channel");
+    3: zero (a dead unit). Values on the mask vary in [1, 2).
+    """
+
+    def __init__(self, data, mean_std):
+        super().__init__()
+        self.mean = torch.tensor(mean_std[0]).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(mean_std[1]).view(1, -1, 1, 1) * 255
+        seg = data.segmentation
+        circle = seg[:, CATEGORIES.index("shape")] == CONCEPTS["shape"].index("circle") + 1
+        stripes = seg[:, CATEGORIES.index("texture")] == CONCEPTS["texture"].index("stripes") + 1
+        self.lookup = {data.images[i].numpy().tobytes(): torch.stack([circle[i], stripes[i]]) for i in range(len(data))}
+
+    def forward(self, x):
+        pix = (x * self.std + self.mean).round().clamp(0, 255)  # (B, 3, H, W) back to 0..255
+        red = (pix[:, 0] > 150) & (pix[:, 1] < 100) & (pix[:, 2] < 100)
+        oracle = torch.stack([self.lookup[p.to(torch.uint8).numpy().tobytes()] for p in pix])  # (B, 2, H, W)
+        masks = torch.cat([red[:, None], oracle, torch.zeros_like(red)[:, None]], 1).float()
+        ramp = 1 + torch.linspace(0, 1, x.shape[-1], dtype=torch.float32).view(1, 1, 1, -1) * 0.99
+        return masks * ramp
+
+
+def planted_net(data) -> nn.Sequential:
+    conv = nn.Conv2d(4, 4, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(4).view(4, 4, 1, 1))
+        conv.bias.zero_()
+    return nn.Sequential(OrderedDict(
+        planted=Planted(data, MEAN_STD["shapes"]), conv=conv, relu=nn.ReLU(),
+        pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(4, 2),
+    )).eval()
+
+
+def test_planted_units_get_their_concepts():
+    data = make_shapes(120, 32, seed=3)
+    concepts = ShapesConcepts(data.images, data.segmentation)
+    batches = concept_batches(concepts, range(120), batch_size=50, mean_std=MEAN_STD["shapes"])
+    # Every unit's area is q N positions when its concept covers more, so IoU <= coverage ratio;
+    # q = 0.2 exceeds every concept's coverage here and the threshold lands on the units' zeros.
+    result = dissect(planted_net(data), "conv", batches, concepts.concepts, device="cpu", quantile=0.2)
+    units = result.units.set_index("unit")
+    for unit, (label, category) in {0: ("red", "colour"), 1: ("circle", "shape"), 2: ("stripes", "texture")}.items():
+        row = units.loc[unit]
+        assert (row["label"], row["category"]) == (label, category)
+        assert row["iou"] > 0.5 and row["detector"]
+    assert units.loc[1, "iou"] == 1.0 and units.loc[2, "iou"] == 1.0  # the oracle units fire exactly on the masks
+    assert units.loc[3, "iou"] == 0.0 and not units.loc[3, "detector"]
+
+
+# --------------------------------------------------------------------------- definitions in numpy
+
+
+def np_bilinear(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(B, U, h, w) -> (B, U, H, W): half-pixel centres, edges clamped (align_corners=False)."""
+    def axis(n_in, n_out):
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0)
+        i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, src - i0
+
+    y0, y1, ly = axis(a.shape[2], size[0])
+    x0, x1, lx = axis(a.shape[3], size[1])
+    rows = a[:, :, y0] * (1 - ly)[:, None] + a[:, :, y1] * ly[:, None]
+    return rows[..., x0] * (1 - lx) + rows[..., x1] * lx
+
+
+class Fixed(nn.Module):
+    """A "network" whose layer output is a fixed tensor per image id (image = its id in every pixel)."""
+
+    def __init__(self, acts: torch.Tensor):
+        super().__init__()
+        self.acts = acts
+
+    def forward(self, x):
+        return self.acts[x[:, 0, 0, 0].long()]
+
+
+def small_case(seed=0, n=7, units=3, h=3, size=(8, 8), layers=2, k=5):
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.rand(n, units, h, h, generator=g) * (torch.rand(n, units, h, h, generator=g) > 0.3)
+    labels = torch.randint(0, k + 1, (n, layers, *size), generator=g)
+    labels[:, 1] *= torch.rand(n, *size, generator=g) > 0.6  # sparser second layer
+    model = nn.Sequential(OrderedDict(fixed=Fixed(acts)))
+    ids = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 2, 2)
+    batches = [(ids[i : i + 3], labels[i : i + 3]) for i in range(0, n, 3)]
+    return model, batches, acts, labels
+
+
+def np_dissection(acts, labels, q, k):
+    up = np_bilinear(acts.double().numpy(), labels.shape[-2:])  # (N, U, H, W)
+    flat = up.transpose(1, 0, 2, 3).reshape(up.shape[1], -1)
+    n = flat.shape[1]
+    t = -np.sort(-flat, axis=1)[:, math.floor(q * n)]
+    on = up > t[None, :, None, None]  # (N, U, H, W)
+    lab = labels.numpy()
+    inter = np.zeros((up.shape[1], k), dtype=np.int64)
+    area_c = np.zeros(k, dtype=np.int64)
+    for c in range(1, k + 1):
+        s = (lab == c).any(1)  # (N, H, W)
+        area_c[c - 1] = s.sum()
+        inter[:, c - 1] = (on & s[:, None]).sum((0, 2, 3))
+    area_u = on.sum((0, 2, 3))
+    iou = inter / np.maximum(area_u[:, None] + area_c[None] - inter, 1)
+    return t, inter, area_u, area_c, iou
+
+
+def test_iou_equals_brute_force_numpy():
+    model, batches, acts, labels = small_case()
+    q, k = 0.1, 5
+    n = labels.shape[0] * labels.shape[-2] * labels.shape[-1]
+    top = threshold_pass(model, "fixed", batches, quantile=q, total_positions=n, device="cpu")
+    t = top.thresholds(q)
+    counts = iou_pass(model, "fixed", batches, t, num_concepts=k, device="cpu")
+    t_np, inter, area_u, area_c, iou = np_dissection(acts, labels, q, k)
+    np.testing.assert_allclose(t.numpy(), t_np, rtol=1e-6)
+    assert np.array_equal(counts.intersection.numpy(), inter)
+    assert np.array_equal(counts.unit_area.numpy(), area_u)
+    assert np.array_equal(counts.concept_area.numpy(), area_c)
+    np.testing.assert_allclose(counts.iou.numpy(), iou, rtol=1e-12)
+
+
+def test_sharded_result_equals_single_process():
+    model, batches, acts, labels = small_case(seed=1)
+    q, k = 0.05, 5
+    names = tuple(f"c{i}" for i in range(1, k + 1))
+    from analysis.dissection import ConceptSet
+
+    concepts = ConceptSet(names, ("a", "a", "b", "b", "b"))
+    whole = dissect(model, "fixed", batches, concepts, device="cpu", quantile=q)
+    n = labels.shape[0] * labels.shape[-2] * labels.shape[-1]
+    shards = [batches[:1], batches[1:]]
+    tops = [TopActivations.from_state_dict(threshold_pass(model, "fixed", s, quantile=q, total_positions=n,
+                                                          device="cpu").state_dict()) for s in shards]
+    top = tops[0] + tops[1]
+    t = top.thresholds(q)
+    assert torch.equal(t, whole.counts.thresholds)
+    assert torch.equal(top.image_max, whole.top.image_max)
+    parts = [ConceptCounts.from_state_dict(iou_pass(model, "fixed", s, t, num_concepts=k, device="cpu").state_dict())
+             for s in shards]
+    merged = parts[0] + parts[1]
+    for field in ("intersection", "unit_area", "concept_area"):
+        assert torch.equal(getattr(merged, field), getattr(whole.counts, field))
+    assert label_units(merged, concepts, 0.04).equals(whole.units)
+
+
+def _quantile_case(q, mask):
+    g = torch.Generator().manual_seed(4)
+    acts = torch.randn(20, 4, 8, 8, generator=g)  # continuous: no ties before upsampling
+    model = nn.Sequential(OrderedDict(fixed=Fixed(acts)))
+    labels = torch.zeros(20, 1, mask, mask, dtype=torch.long)
+    ids = torch.arange(20, dtype=torch.float32).view(20, 1, 1, 1).expand(20, 3, 1, 1)
+    batches = [(ids[i : i + 6], labels[i : i + 6]) for i in range(0, 20, 6)]
+    n = 20 * mask * mask
+    t = threshold_pass(model, "fixed", batches, quantile=q, total_positions=n, device="cpu").thresholds(q)
+    up = torch.nn.functional.interpolate(acts, size=(mask, mask), mode="bilinear", align_corners=False)
+    # F.interpolate and the code's upsampling may differ in the last bits: compare with a margin.
+    eps = 1e-5 if mask != 8 else 0.0
+    above = (up > t.view(1, -1, 1, 1) + eps).double().mean((0, 2, 3))
+    at_or_above = (up >= t.view(1, -1, 1, 1) - eps).double().mean((0, 2, 3))
+    return n, above, at_or_above
+
+
+@pytest.mark.parametrize("q", [0.01, 0.05, 0.2])
+def test_thresholds_hit_the_requested_quantile(q):
+    n, above, _ = _quantile_case(q, mask=8)  # distinct values
+    assert (above - q).abs().max() <= 1 / n
+
+
+@pytest.mark.parametrize("q", [0.01, 0.05])
+def test_thresholds_bracket_the_quantile_when_upsampling_ties_values(q):
+    # Bilinear upsampling with clamped edges repeats border values, so ties exist:
+    # P[a > t] <= q <= P[a >= t].
+    n, above, at_or_above = _quantile_case(q, mask=32)
+    assert (above <= q + 1e-12).all() and (at_or_above >= q - 1e-12).all()
+
+
+# --------------------------------------------------------------------------- Broden reader
+
+
+def write_broden(root, n=3):
+    """A tiny Broden tree: 8x8 images, 4x4 masks; colour masks (pixel), scene (image-level)."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "label.csv").write_text(
+        "number,name,category,frequency,coverage,syns\n0,-,,0,0,\n1,red-c,color(3),3,1.0,\n"
+        "2,blue-c,color(2),2,1.0,\n3,kitchen-s,scene(2),2,1.0,\n4,street-s,scene(1),1,1.0,\n"
+    )
+    (root / "c_color.csv").write_text("code,number,name,frequency,coverage\n1,1,red-c,3,1\n2,2,blue-c,2,1\n")
+    (root / "c_scene.csv").write_text("code,number,name,frequency,coverage\n1,3,kitchen-s,2,1\n2,4,street-s,1,1\n")
+    rows = ["image,split,ih,iw,sh,sw,color,scene"]
+    expected = []
+    for i in range(n):
+        img = np.full((8, 8, 3), 10 * i, dtype=np.uint8)
+        Image.fromarray(img).save(root / "images" / f"im{i}.png")
+        mask = np.zeros((4, 4, 3), dtype=np.uint8)
+        mask[: i + 1, :, 0] = 1  # red-c in the first i+1 rows
+        mask[3, 3, 0] = 2  # blue-c in a corner
+        Image.fromarray(mask).save(root / "images" / f"im{i}_color.png")
+        scene = "3" if i < 2 else "4"
+        rows.append(f"im{i}.png,val,8,8,4,4,im{i}_color.png,{scene}")
+        labels = np.zeros((2, 4, 4), dtype=np.int64)
+        labels[0] = mask[:, :, 0]
+        labels[1] = int(scene)
+        expected.append(labels)
+    rows.append("extra.png,train,8,8,4,4,,")
+    (root / "index.csv").write_text("\n".join(rows) + "\n")
+    return np.stack(expected)
+
+
+def test_broden_reader_decodes_masks_and_image_level_labels(tmp_path):
+    from analysis.broden import BrodenData
+
+    expected = write_broden(tmp_path)
+    data = BrodenData(tmp_path, split="val")
+    assert data.num_images == 3 and data.mask_size == (4, 4) and data.image_size == (8, 8)
+    assert data.concepts.names == ("red-c", "blue-c", "kitchen-s", "street-s")
+    assert data.concepts.categories == ("color", "color", "scene", "scene")
+    images, labels = data.load(range(3))
+    assert images.shape == (3, 3, 8, 8) and images.dtype == torch.uint8 and int(images[2, 0, 0, 0]) == 20
+    assert np.array_equal(labels.numpy(), expected)
+
+
+def test_broden_mask_number_is_r_plus_256_g(tmp_path):
+    from PIL import Image
+
+    from analysis.broden import BrodenData
+
+    write_broden(tmp_path, n=1)
+    big = np.zeros((4, 4, 3), dtype=np.uint8)
+    big[0, 0] = (4, 1, 0)  # 4 + 256 * 1 = 260
+    Image.fromarray(big).save(tmp_path / "images" / "im0_color.png")
+    labels = "\n".join(f"{i},l{i},color(1),1,1," for i in range(5, 261))
+    with open(tmp_path / "label.csv", "a") as f:
+        f.write(labels + "\n")
+    _, maps = BrodenData(tmp_path, split="val").load([0])
+    assert int(maps[0, 0, 0, 0]) == 260
+
+
+def test_broden_batches_run_through_dissection(tmp_path):
+    from analysis.broden import BrodenData
+
+    write_broden(tmp_path)
+    data = BrodenData(tmp_path, split="val")
+    batches = concept_batches(data, range(3), batch_size=2, mean_std=MEAN_STD["places365"])
+    model = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 2, 3, stride=2, padding=1), relu=nn.ReLU()))
+    result = dissect(model, "conv", batches, data.concepts, device="cpu", quantile=0.1)
+    assert list(result.units.columns) == ["unit", "label", "category", "iou", "threshold", "detector"]
+    assert result.counts.concept_area.tolist() == [4 + 8 + 12, 3, 2 * 16, 16]
