@@ -204,7 +204,7 @@ def dissect_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     layer: Annotated[Optional[str], typer.Option("--layer", help="Unit layer, e.g. conv5_3 (default: dissection.layer).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: outputs/dissection-<run>).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: outputs/dissection-<layer>-<run>).")] = None,
 ) -> None:
     """Network dissection: label each unit with the concept its top activations overlap best (Ray tasks)."""
     from study.dissect import dissection_summary, run_dissection

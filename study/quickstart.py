@@ -1,7 +1,8 @@
 """``study quickstart``: the whole pipeline, offline, in one command.
 
-A short sweep on the generated shapes data, then per-unit ablation and the
-Table 1 interventions of the best trial's checkpoint, then the report. Every
+A short sweep on the generated shapes data, then per-unit ablation, the
+Table 1 interventions and network dissection of the best trial's checkpoint,
+then the report. Every
 step is an ordinary command's function, so every run lands in MLflow exactly as
 it would from the separate commands.
 """
@@ -23,8 +24,9 @@ def quickstart(
     echo: Callable[[str], None] = print,
     quiet: bool = False,
 ) -> dict:
-    """Run sweep -> ablate -> intervene -> report; returns what each step produced."""
+    """Run sweep -> ablate -> intervene -> dissect -> report; returns what each step produced."""
     from study.ablate import ablation_summary, run_ablation
+    from study.dissect import dissection_summary, run_dissection
     from study.intervene import intervention_summary, run_intervention
     from study.report import report
     from study.sweep import sweep
@@ -33,7 +35,7 @@ def quickstart(
     cfg = load_config(config_path, overrides)
     t0 = time.perf_counter()
 
-    echo(f"== 1/4 sweep: {cfg.sweep.num_samples} trials of {cfg.train.epochs} epochs on {cfg.data.name}")
+    echo(f"== 1/5 sweep: {cfg.sweep.num_samples} trials of {cfg.train.epochs} epochs on {cfg.data.name}")
     swept = sweep(cfg, config_path=str(config_path), quiet=quiet)
     done = [t for t in swept.trials if t["error"] is None and "test/acc" in t["metrics"] and t["run_id"]]
     if not done:
@@ -41,21 +43,27 @@ def quickstart(
     best = max(done, key=lambda t: t["metrics"]["test/acc"])
     echo(f"best trial {best['trial_id']}: test/acc {best['metrics']['test/acc']:.2%} (MLflow run {best['run_id']})")
 
-    echo(f"== 2/4 ablation of every {cfg.ablation.layer} unit of the best trial")
+    echo(f"== 2/5 ablation of every {cfg.ablation.layer} unit of the best trial")
     ablated = run_ablation(best["run_id"], config_path, overrides, quiet=quiet)
     for line in ablation_summary(ablated):
         echo(line)
 
-    echo("== 3/4 interventions on the worst and best units (Table 1)")
+    echo("== 3/5 interventions on the worst and best units (Table 1)")
     intervened = run_intervention(best["run_id"], config_path, overrides, quiet=quiet)
     for line in intervention_summary(intervened):
         echo(line)
 
-    echo("== 4/4 report")
+    echo(f"== 4/5 network dissection of {cfg.dissection.layer} on {cfg.dissection.num_images} shapes images")
+    dissected = run_dissection(best["run_id"], config_path, overrides, quiet=quiet)
+    for line in dissection_summary(dissected):
+        echo(line)
+
+    echo("== 5/5 report")
     r = report(cfg)
     echo("Table 2: accuracy per method (mean ± 95% CI half-width over seeds; n = runs)")
     echo(r.markdown)
     if r.excluded:
         echo("left out: " + ", ".join(f"{n} trial run(s) {why.replace('_', ' ')}" for why, n in r.excluded.items()))
     echo(f"quickstart finished in {time.perf_counter() - t0:.0f} s; see every run: {ui_hint(cfg)}")
-    return {"sweep": swept, "best": best, "ablation": ablated, "intervention": intervened, "report": r}
+    return {"sweep": swept, "best": best, "ablation": ablated, "intervention": intervened, "dissection": dissected,
+            "report": r}

@@ -14,7 +14,7 @@ def test_quickstart_runs_end_to_end_and_leaves_every_run_in_mlflow(ray_cluster, 
         "train.batch_size=64", "sweep.num_samples=2", "sweep.scheduler=fifo",
         "sweep.space={regularization.dropout.rate: {type: uniform, low: 0.0, high: 0.2}}",
         "regularization.gradient_penalty.lambda=0", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db",
-        "tracking.experiment=qs", f"ray.storage_path={tmp_path}/ray",
+        "tracking.experiment=qs", f"ray.storage_path={tmp_path}/ray", "dissection.num_images=100",
     ]
     lines = []
     out = quickstart(ROOT / "configs" / "quickstart.yaml", overrides, echo=lines.append, quiet=True)
@@ -27,6 +27,9 @@ def test_quickstart_runs_end_to_end_and_leaves_every_run_in_mlflow(ray_cluster, 
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent and r.data.tags.get("trial_id")]
     kinds = sorted(r.data.tags.get("kind", "") for r in runs if r.data.tags.get("kind"))
     assert len(trials) >= 2
-    assert kinds == ["ablation", "intervention"]
+    assert kinds == ["ablation", "dissection", "intervention"]
     assert all(r.data.tags.get("source_run_id") == out["best"]["run_id"] for r in runs if r.data.tags.get("kind"))
     assert {a.path for a in c.list_artifacts(parent, "report")} >= {"report/table2.md", "report/table2.csv"}
+    dissection = next(r for r in runs if r.data.tags.get("kind") == "dissection")
+    assert {"units.csv", "figure1_detectors.png", "figure3_top_images.png"} <= {
+        a.path for a in c.list_artifacts(dissection.info.run_id)}
