@@ -109,13 +109,25 @@ def sweep(
     return result
 
 
+def _sweep_space(cfg: StudyConfig, result: StudyResult) -> dict:
+    """The search space the trials were drawn from: the sweep's own stored config.
+
+    After ``--resume`` Tune continues with the param space it stored, whatever the
+    config file says now, so the summary must use that space too.
+    """
+    for t in result.trials:
+        if t["config"] is not None:
+            return StudyConfig.model_validate(t["config"]).sweep.space
+    return cfg.sweep.space
+
+
 def _optuna_study(cfg: StudyConfig, result: StudyResult):
     """An Optuna study rebuilt from the finished trials (works the same after a resume)."""
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     dists = {}
-    for path, d in cfg.sweep.space.items():
+    for path, d in _sweep_space(cfg, result).items():
         if d.type in ("uniform", "loguniform"):
             dists[path] = FloatDistribution(d.low, d.high, log=d.type == "loguniform")
         elif d.type == "int":
@@ -132,7 +144,7 @@ def _optuna_study(cfg: StudyConfig, result: StudyResult):
 
 def log_summary(cfg: StudyConfig, result: StudyResult) -> None:
     """Optimization history and parameter importances (PNG) on the parent run, for a search."""
-    if not cfg.sweep.space:
+    if not _sweep_space(cfg, result):
         return
     import matplotlib
 
