@@ -410,7 +410,7 @@ def _plan(parts_dir: Path | None, identity: dict, make: Callable[[], dict]) -> d
     return grid
 
 
-def _task_resources(cfg: StudyConfig) -> tuple[float, int]:
+def task_resources(cfg: StudyConfig) -> tuple[float, int]:
     """(num_gpus per task, tasks the cluster runs at once)."""
     total = ray.cluster_resources()
     gpus = cfg.ablation.num_gpus if total.get("GPU", 0) > 0 else 0.0
@@ -443,7 +443,7 @@ def fan_out(
             todo[key] = spec
     if not todo:
         return out
-    gpus, _ = _task_resources(cfg)
+    gpus, _ = task_resources(cfg)
     task = shard_task.options(num_gpus=gpus, max_retries=cfg.ablation.max_retries, retry_exceptions=True)
     pending = {task.remote(state_ref, images, labels, job): key for key, (job, images, labels) in todo.items()}
     from tqdm import tqdm
@@ -473,7 +473,7 @@ def _chunks(units: list[int], size: int) -> list[list[int]]:
     return [units[i : i + size] for i in range(0, len(units), size)]
 
 
-def _shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
+def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
     return [(i * n // shards, (i + 1) * n // shards) for i in range(shards)]
 
 
@@ -540,8 +540,8 @@ def ablation_counts(
 
     def make() -> dict:
         chunks = _chunks(units, cfg.ablation.unit_chunk)
-        shards = num_shards or default_shards(split.num_images, len(chunks), _task_resources(cfg)[1])
-        return {"chunks": chunks, "shards": _shard_bounds(split.num_images, shards)}
+        shards = num_shards or default_shards(split.num_images, len(chunks), task_resources(cfg)[1])
+        return {"chunks": chunks, "shards": shard_bounds(split.num_images, shards)}
 
     grid = _plan(parts_dir, identity, make)
     common = _common_job(cfg, split)

@@ -47,7 +47,7 @@ from analysis.dissection import (
     label_units,
 )
 from analysis.hooks import num_units
-from study.ablate import Source, check_model, expected_architecture, log_run, prepare
+from study.ablate import Source, check_model, expected_architecture, log_run, prepare, shard_bounds, task_resources
 from study.config import StudyConfig
 from study.runtime import init_ray
 from trainables.errors import ConfigError, UnitstudyError
@@ -134,14 +134,6 @@ def iou_task(state_dict: dict, payload: dict, acts, job: dict) -> dict:
     return counts.state_dict()
 
 
-def _resources(cfg: StudyConfig) -> tuple[float, int]:
-    """(num_gpus per task, tasks the cluster runs at once); as study.ablate's private _task_resources."""
-    total = ray.cluster_resources()
-    gpus = cfg.ablation.num_gpus if total.get("GPU", 0) > 0 else 0.0
-    slots = int(total.get("GPU", 0) // gpus) if gpus > 0 else int(total.get("CPU", 1))
-    return gpus, max(1, slots)
-
-
 def _wait_all(refs: list, desc: str, quiet: bool) -> list:
     """ray.get of every ref, in order, with a tqdm bar following ray.wait; cancels the rest on a failure."""
     from tqdm import tqdm
@@ -160,10 +152,6 @@ def _wait_all(refs: list, desc: str, quiet: bool) -> list:
                 raise exc.cause from None
             raise
     return ray.get(list(refs))
-
-
-def _shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
-    return [(i * n // shards, (i + 1) * n // shards) for i in range(shards)]
 
 
 # --------------------------------------------------------------------------- outputs
@@ -268,8 +256,8 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     n = data.num_images
     total = n * data.mask_size[0] * data.mask_size[1]
     init_ray(cfg)
-    gpus, slots = _resources(cfg)
-    shards = _shard_bounds(n, num_shards or max(1, min(slots, n // _MIN_SHARD_IMAGES)))
+    gpus, slots = task_resources(cfg)
+    shards = shard_bounds(n, num_shards or max(1, min(slots, n // _MIN_SHARD_IMAGES)))
     keep_acts = d.concepts == "shapes"
     state_ref, payload_ref = ray.put(dict(source.state_dict)), ray.put(_payload(cfg, data))
     common = {"layer": d.layer, "expected": expected_architecture(cfg), "mean_std": MEAN_STD[cfg.data.name],

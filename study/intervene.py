@@ -40,8 +40,8 @@ from study.ablate import (
     _common_job,
     _job_hash,
     _plan,
-    _shard_bounds,
-    _task_resources,
+    shard_bounds,
+    task_resources,
     ablation_counts,
     check_model,
     fan_out,
@@ -93,8 +93,8 @@ def intervention_counts_fanned(
     parts_dir = out_dir / "parts" / f"intervention-{split.name}-{_job_hash(identity)}" if out_dir else None
 
     def make() -> dict:
-        shards = num_shards or max(1, min(_task_resources(cfg)[1], split.num_images // 32))
-        return {"shards": _shard_bounds(split.num_images, shards)}
+        shards = num_shards or max(1, min(task_resources(cfg)[1], split.num_images // 32))
+        return {"shards": shard_bounds(split.num_images, shards)}
 
     grid = _plan(parts_dir, identity, make)
     common = _common_job(cfg, split)
