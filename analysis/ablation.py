@@ -56,15 +56,18 @@ import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from analysis.hooks import check_units, edit_layer, eval_mode, flat_children, num_units, unit_layer, zero_units
+from analysis.stats import bh_qvalues, mcnemar_exact, paired_proportion_interval
 from trainables.errors import CheckpointError, ConfigError, DataError
 from trainables.models import convert_state_dict, infer_architecture, load_vgg16_state_dict, vgg16
 
 __all__ = [
+    "ALPHA",
     "AblationCounts",
     "ClassCounts",
     "ablate_unit_set",
@@ -74,6 +77,7 @@ __all__ = [
     "class_accuracy",
     "evaluate",
     "model_from_state_dict",
+    "precision_differences",
     "rank_units",
     "rank_units_per_class",
     "unit_accuracy",
@@ -81,6 +85,7 @@ __all__ = [
 ]
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+ALPHA = 0.05  # a change is "significant" when its Benjamini-Hochberg q-value is below this
 Units = Sequence[int] | torch.Tensor | None
 
 # Modules that act on each channel separately and map an all-zero channel to an
@@ -166,6 +171,10 @@ class AblationCounts:
             correctly with unit ``units[i]`` set to zero.
         total: (K,) int64 images of class k (the same images for every unit).
         baseline_correct: (K,) int64 correct with no unit ablated.
+        lost: (U, K) int64 images of class k correct without ablation and wrong
+            with unit ``units[i]`` removed; with :attr:`gained` (wrong -> correct)
+            these are the discordant pairs of a paired test on the same images
+            (McNemar, :func:`analysis.stats.mcnemar_exact`).
     """
 
     layer: str
@@ -173,15 +182,26 @@ class AblationCounts:
     correct: torch.Tensor
     total: torch.Tensor
     baseline_correct: torch.Tensor
+    lost: torch.Tensor
 
     def __post_init__(self) -> None:
         u, k = self.units.numel(), self.total.numel()
-        if self.units.dim() != 1 or self.correct.shape != (u, k) or self.baseline_correct.shape != (k,):
+        if (self.units.dim() != 1 or self.correct.shape != (u, k) or self.baseline_correct.shape != (k,)
+                or self.lost.shape != (u, k)):
             raise ConfigError(
                 f"inconsistent ablation counts: units {tuple(self.units.shape)}, correct "
                 f"{tuple(self.correct.shape)}, total {tuple(self.total.shape)}, baseline "
-                f"{tuple(self.baseline_correct.shape)}"
+                f"{tuple(self.baseline_correct.shape)}, lost {tuple(self.lost.shape)}"
             )
+        gained = self.gained
+        if bool((self.lost < 0).any() or (self.lost > self.baseline_correct).any() or (gained < 0).any()
+                or (gained > self.total - self.baseline_correct).any()):
+            raise ConfigError("inconsistent ablation counts: lost/gained images do not fit the correct counts")
+
+    @property
+    def gained(self) -> torch.Tensor:
+        """(U, K) int64 images wrong without ablation and correct with the unit removed."""
+        return self.correct - self.baseline_correct + self.lost
 
     @property
     def num_classes(self) -> int:
@@ -216,6 +236,7 @@ class AblationCounts:
             self.correct + other.correct,
             self.total + other.total,
             self.baseline_correct + other.baseline_correct,
+            self.lost + other.lost,
         )
 
     @classmethod
@@ -234,7 +255,8 @@ class AblationCounts:
             raise ConfigError("cannot concatenate ablation results whose unit chunks overlap")
         order = units.argsort()
         correct = torch.cat([p.correct for p in parts])[order]
-        return cls(first.layer, units[order], correct, first.total.clone(), first.baseline_correct.clone())
+        lost = torch.cat([p.lost for p in parts])[order]
+        return cls(first.layer, units[order], correct, first.total.clone(), first.baseline_correct.clone(), lost)
 
     @classmethod
     def merge(cls, parts: Iterable[AblationCounts]) -> AblationCounts:
@@ -257,7 +279,7 @@ class AblationCounts:
             raise ConfigError(f"unit {missing[0]} is not in these ablation results")
         index = torch.tensor([row[int(u)] for u in units], dtype=torch.long)
         return AblationCounts(self.layer, self.units[index], self.correct[index], self.total.clone(),
-                              self.baseline_correct.clone())
+                              self.baseline_correct.clone(), self.lost[index])
 
     def state_dict(self) -> dict:
         """Plain tensors and a string: ships through Ray, saves under ``weights_only=True``."""
@@ -267,6 +289,7 @@ class AblationCounts:
             "correct": self.correct.clone(),
             "total": self.total.clone(),
             "baseline_correct": self.baseline_correct.clone(),
+            "lost": self.lost.clone(),
         }
 
     @classmethod
@@ -278,6 +301,7 @@ class AblationCounts:
                 torch.as_tensor(state["correct"]).long(),
                 torch.as_tensor(state["total"]).long(),
                 torch.as_tensor(state["baseline_correct"]).long(),
+                torch.as_tensor(state["lost"]).long(),
             )
         except KeyError as exc:
             raise ConfigError(f"not an ablation state dict: it has no key {exc}") from None
@@ -402,8 +426,10 @@ def _ablation_pass(
     device: torch.device,
     num_classes: int,
     chunk: int | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Correct counts (G, K) with each row of ``masks`` (G, C) bool zeroed jointly; totals; baseline.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Correct (G, K) with each row of ``masks`` (G, C) bool zeroed jointly; totals (K,); baseline (K,); lost (G, K).
+
+    ``lost[g, k]``: images of class k the baseline gets right and row g's ablation gets wrong.
 
     ``model`` is in eval mode on ``device`` already. Rows of ``masks`` are unit
     sets; when every row is a single unit the low-rank update applies.
@@ -417,6 +443,7 @@ def _ablation_pass(
     correct = torch.zeros(g_count, num_classes, dtype=torch.long, device=device)
     total = torch.zeros(num_classes, dtype=torch.long, device=device)
     baseline = torch.zeros(num_classes, dtype=torch.long, device=device)
+    lost = torch.zeros(g_count, num_classes, dtype=torch.long, device=device)
     weight_t = None
 
     for x, y in _batches_on(batches, device, dtype, num_classes):
@@ -486,9 +513,10 @@ def _ablation_pass(
 
         one_hot = torch.nn.functional.one_hot(y, num_classes).to(torch.float64)  # (B, K)
         correct += (hits.to(torch.float64) @ one_hot).round_().long()  # exact: integer sums <= B
+        lost += ((base_hit & ~hits).to(torch.float64) @ one_hot).round_().long()
         total += torch.bincount(y, minlength=num_classes)
         baseline += _class_hits(y, base_hit, num_classes)
-    return correct.cpu(), total.cpu(), baseline.cpu()
+    return correct.cpu(), total.cpu(), baseline.cpu(), lost.cpu()
 
 
 # --------------------------------------------------------------------------- public API
@@ -564,10 +592,10 @@ def ablate_units(
     masks = torch.zeros(index.numel(), num_units(work, layer), dtype=torch.bool)
     masks[torch.arange(index.numel()), index] = True
     with eval_mode(work), torch.no_grad():
-        correct, total, baseline = _ablation_pass(
+        correct, total, baseline, lost = _ablation_pass(
             work, site, batches, masks, device=_resolve_device(device), num_classes=num_classes, chunk=chunk
         )
-    return AblationCounts(layer, index, correct, total, baseline)
+    return AblationCounts(layer, index, correct, total, baseline, lost)
 
 
 def ablate_unit_set(
@@ -589,7 +617,7 @@ def ablate_unit_set(
     masks = torch.zeros(1, num_units(work, layer), dtype=torch.bool)
     masks[0, index] = True
     with eval_mode(work), torch.no_grad():
-        correct, total, _ = _ablation_pass(
+        correct, total, _, _ = _ablation_pass(
             work, site, batches, masks, device=_resolve_device(device), num_classes=num_classes, chunk=chunk
         )
     return ClassCounts(correct[0], total)
@@ -617,6 +645,34 @@ def evaluate(
     return ClassCounts(correct.cpu(), total.cpu())
 
 
+def precision_differences(
+    model: nn.Module,
+    layer: str,
+    batches: Batches,
+    units: Units = None,
+    *,
+    device: str | torch.device,
+    num_classes: int,
+) -> tuple[int, int]:
+    """(pairs checked, pairs that differ): (unit, image) pairs whose correctness under ablation
+    differs between float32 and a float64 recomputation.
+
+    Each image runs alone through :func:`ablate_units` in both precisions, so the
+    comparison is per pair, not of summed counts. Zero differences means the
+    float32 counts of these images equal the exact (naive-loop) ones.
+    """
+    pairs = differ = 0
+    for x, y in batches:
+        for i in range(x.shape[0]):
+            one = [(x[i : i + 1], torch.as_tensor(y)[i : i + 1])]
+            kw = dict(device=device, num_classes=num_classes)
+            hit32 = ablate_units(model, layer, one, units, dtype=torch.float32, **kw).correct.sum(1)
+            hit64 = ablate_units(model, layer, one, units, dtype=torch.float64, **kw).correct.sum(1)
+            pairs += hit32.numel()
+            differ += int((hit32 != hit64).sum())
+    return pairs, differ
+
+
 def ablate_units_naive(
     model: nn.Module,
     layer: str,
@@ -638,16 +694,20 @@ def ablate_units_naive(
     dev = _resolve_device(device)
     wdtype = next(work.parameters()).dtype
     correct = torch.zeros(index.numel(), num_classes, dtype=torch.long, device=dev)
+    lost = torch.zeros(index.numel(), num_classes, dtype=torch.long, device=dev)
     total = torch.zeros(num_classes, dtype=torch.long, device=dev)
     baseline = torch.zeros(num_classes, dtype=torch.long, device=dev)
     with eval_mode(work), torch.no_grad():
         for x, y in _batches_on(batches, dev, wdtype, num_classes):
             total += torch.bincount(y, minlength=num_classes)
-            baseline += _class_hits(y, work(x).argmax(1) == y, num_classes)
+            base_hit = work(x).argmax(1) == y
+            baseline += _class_hits(y, base_hit, num_classes)
             for row, u in enumerate(index.tolist()):
                 with edit_layer(work, site, zero_units([u])):
-                    correct[row] += _class_hits(y, work(x).argmax(1) == y, num_classes)
-    return AblationCounts(layer, index, correct.cpu(), total.cpu(), baseline.cpu())
+                    hit = work(x).argmax(1) == y
+                correct[row] += _class_hits(y, hit, num_classes)
+                lost[row] += _class_hits(y, base_hit & ~hit, num_classes)
+    return AblationCounts(layer, index, correct.cpu(), total.cpu(), baseline.cpu(), lost.cpu())
 
 
 # --------------------------------------------------------------------------- tables and rankings
@@ -661,12 +721,33 @@ def _class_labels(counts_k: int, class_names: Sequence[str] | None) -> list:
     return list(class_names)
 
 
+def _significance(lost: np.ndarray, gained: np.ndarray, n: np.ndarray, family: np.ndarray) -> dict[str, np.ndarray]:
+    """Paired-test columns for changes measured on the same images as the baseline.
+
+    ``lost``/``gained`` are the discordant images (right -> wrong, wrong -> right)
+    out of ``n``; ``family`` labels which rows share a Benjamini-Hochberg correction.
+    Columns: ci_low, ci_high (95% Agresti-Min interval of the change), p_value
+    (McNemar's exact test), q_value (BH within each family), significant (q < alpha).
+    """
+    empty = n == 0  # a class without images: nothing to test
+    low, high = paired_proportion_interval(lost, gained, np.maximum(n, 1))
+    p = mcnemar_exact(lost, gained)
+    low, high, p = (np.where(empty, np.nan, v) for v in (low, high, p))
+    q = np.full_like(p, np.nan)
+    for f in np.unique(family):
+        rows = family == f
+        q[rows] = bh_qvalues(p[rows])
+    return {"ci_low": low, "ci_high": high, "p_value": p, "q_value": q, "significant": q < ALPHA}
+
+
 def class_accuracy(counts: AblationCounts, class_names: Sequence[str] | None = None) -> pd.DataFrame:
     """Tidy per-unit, per-class table: one row per (unit, class).
 
     Columns: unit, class (index), [class_name], accuracy (with the unit ablated),
     baseline_accuracy, change (= accuracy - baseline_accuracy; > 0: removing the
-    unit helps that class), correct, total. Classes without images have NaN accuracy.
+    unit helps that class), correct, total, lost, gained, and the paired test of
+    :func:`_significance` with q-values over the units of each class. Classes
+    without images have NaN accuracy, interval and p-value.
     """
     u, k = counts.correct.shape
     df = pd.DataFrame(
@@ -677,17 +758,24 @@ def class_accuracy(counts: AblationCounts, class_names: Sequence[str] | None = N
             "baseline_accuracy": counts.baseline_accuracy.repeat(u).numpy(),
             "correct": counts.correct.reshape(-1).numpy(),
             "total": counts.total.repeat(u).numpy(),
+            "lost": counts.lost.reshape(-1).numpy(),
+            "gained": counts.gained.reshape(-1).numpy(),
         }
     )
     df.insert(4, "change", df["accuracy"] - df["baseline_accuracy"])
+    for column, values in _significance(df["lost"].to_numpy(), df["gained"].to_numpy(), df["total"].to_numpy(),
+                                        df["class"].to_numpy()).items():
+        df[column] = values
     if class_names is not None:
         df.insert(2, "class_name", [_class_labels(k, class_names)[i] for i in df["class"]])
     return df
 
 
 def unit_accuracy(counts: AblationCounts) -> pd.DataFrame:
-    """Overall accuracy per ablated unit: unit, accuracy, baseline_accuracy, change.
+    """Overall accuracy per ablated unit, with its paired test against the unablated model.
 
+    Columns: unit, accuracy, baseline_accuracy, change, lost, gained (images over
+    all classes), ci_low, ci_high, p_value, q_value (BH across the units), significant.
     Overall = correct / images over all classes (weighted by class size; equal to
     the mean class accuracy on a balanced set such as Places365 val).
     """
@@ -696,6 +784,11 @@ def unit_accuracy(counts: AblationCounts) -> pd.DataFrame:
     base = float(counts.baseline_correct.sum()) / n if n else float("nan")
     df = pd.DataFrame({"unit": counts.units.numpy(), "accuracy": acc.numpy(), "baseline_accuracy": base})
     df["change"] = df["accuracy"] - df["baseline_accuracy"]
+    df["lost"] = counts.lost.sum(1).numpy()
+    df["gained"] = counts.gained.sum(1).numpy()
+    sig = _significance(df["lost"].to_numpy(), df["gained"].to_numpy(), np.full(len(df), n), np.zeros(len(df)))
+    for column, values in sig.items():
+        df[column] = values
     return df
 
 
@@ -765,5 +858,6 @@ def rank_units_per_class(
         "baseline_accuracy",
         "change",
     ]
+    cols += ["lost", "gained", "ci_low", "ci_high", "p_value", "q_value", "significant"]
     out = pd.concat(parts)[cols]
     return out.sort_values(["class", "verdict", "rank"], kind="stable").reset_index(drop=True)

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from analysis.ablation import (
+    ALPHA,
     AblationCounts,
     Batches,
     _batches_on,
@@ -62,6 +63,7 @@ from analysis.ablation import (
     worst_units,
 )
 from analysis.hooks import check_units, edit_layer, eval_mode, flat_children, scale_units, unit_conv, unit_layer
+from analysis.stats import mcnemar_exact, paired_proportion_interval
 from trainables.errors import ConfigError
 
 __all__ = [
@@ -193,6 +195,8 @@ class InterventionCounts:
         correct: (N, K) int64 correct per class under intervention i.
         total: (K,) int64 images per class.
         baseline_correct: (K,) int64 correct without intervention.
+        lost: (N, K) int64 images correct without intervention and wrong under
+            intervention i (the discordant pairs with :attr:`gained`).
     """
 
     layer: str
@@ -200,6 +204,12 @@ class InterventionCounts:
     correct: torch.Tensor
     total: torch.Tensor
     baseline_correct: torch.Tensor
+    lost: torch.Tensor
+
+    @property
+    def gained(self) -> torch.Tensor:
+        """(N, K) int64 images wrong without intervention and correct under intervention i."""
+        return self.correct - self.baseline_correct + self.lost
 
     def __add__(self, other: InterventionCounts) -> InterventionCounts:
         if self.layer != other.layer or self.interventions != other.interventions:
@@ -210,6 +220,7 @@ class InterventionCounts:
             self.correct + other.correct,
             self.total + other.total,
             self.baseline_correct + other.baseline_correct,
+            self.lost + other.lost,
         )
 
     @property
@@ -229,6 +240,7 @@ class InterventionCounts:
             "correct": self.correct.clone(),
             "total": self.total.clone(),
             "baseline_correct": self.baseline_correct.clone(),
+            "lost": self.lost.clone(),
         }
 
     @classmethod
@@ -240,6 +252,7 @@ class InterventionCounts:
                 torch.as_tensor(state["correct"]).long(),
                 torch.as_tensor(state["total"]).long(),
                 torch.as_tensor(state["baseline_correct"]).long(),
+                torch.as_tensor(state["lost"]).long(),
             )
         except KeyError as exc:
             raise ConfigError(f"not an intervention state dict: it has no key {exc}") from None
@@ -278,15 +291,19 @@ def intervention_counts(
     correct = torch.zeros(len(interventions), num_classes, dtype=torch.long, device=dev)
     total = torch.zeros(num_classes, dtype=torch.long, device=dev)
     baseline = torch.zeros(num_classes, dtype=torch.long, device=dev)
+    lost = torch.zeros(len(interventions), num_classes, dtype=torch.long, device=dev)
     with eval_mode(work), torch.no_grad():
         for x, y in _batches_on(batches, dev, wdtype, num_classes):
             hidden = below(x)
             total += torch.bincount(y, minlength=num_classes)
-            baseline += _class_hits(y, above(hidden).argmax(1) == y, num_classes)
+            base_hit = above(hidden).argmax(1) == y
+            baseline += _class_hits(y, base_hit, num_classes)
             for row, iv in enumerate(interventions):
                 with apply_intervention(work, layer, iv):
-                    correct[row] += _class_hits(y, above(hidden).argmax(1) == y, num_classes)
-    return InterventionCounts(layer, list(interventions), correct.cpu(), total.cpu(), baseline.cpu())
+                    hit = above(hidden).argmax(1) == y
+                correct[row] += _class_hits(y, hit, num_classes)
+                lost[row] += _class_hits(y, base_hit & ~hit, num_classes)
+    return InterventionCounts(layer, list(interventions), correct.cpu(), total.cpu(), baseline.cpu(), lost.cpu())
 
 
 # --------------------------------------------------------------------------- Table 1
@@ -321,14 +338,20 @@ def intervention_table(report: InterventionCounts, selection: InterventionCounts
 
     Columns: intervention ("output", "weight", "weight+bias"), units (e.g.
     "worst-5"), operation, factor, accuracy and baseline (report images),
-    change, selection_accuracy, selection_baseline, below_baseline (on the
-    selection images; True ends the series), unit_ids.
+    change, lost, gained, ci_low, ci_high (95% paired interval of the change),
+    p_value (exact McNemar test against the baseline on the same report
+    images), significant (p < 0.05), selection_accuracy, selection_baseline,
+    below_baseline (on the selection images; True ends the series), unit_ids.
     """
     selection = selection or report
     if selection.interventions != report.interventions or selection.layer != report.layer:
         raise ConfigError("selection and report counts must come from the same interventions and layer")
     acc, sel_acc = report.accuracy.tolist(), selection.accuracy.tolist()
     base, sel_base = report.baseline_accuracy, selection.baseline_accuracy
+    lost, gained = report.lost.sum(1).numpy(), report.gained.sum(1).numpy()
+    n = int(report.total.sum())
+    p_values = mcnemar_exact(lost, gained)
+    low, high = paired_proportion_interval(lost, gained, n)
     stopped: set[tuple] = set()
     rows = []
     for i, iv in enumerate(report.interventions):
@@ -347,6 +370,12 @@ def intervention_table(report: InterventionCounts, selection: InterventionCounts
                 "accuracy": acc[i],
                 "baseline": base,
                 "change": acc[i] - base,
+                "lost": int(lost[i]),
+                "gained": int(gained[i]),
+                "ci_low": float(low[i]),
+                "ci_high": float(high[i]),
+                "p_value": float(p_values[i]),
+                "significant": bool(p_values[i] < ALPHA),
                 "selection_accuracy": sel_acc[i],
                 "selection_baseline": sel_base,
                 "below_baseline": below,

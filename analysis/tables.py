@@ -2,16 +2,23 @@
 
 Input: the frame ``mlflow.search_runs`` returns (columns ``params.<dotted path>``,
 ``metrics.<key>``, ``tags.<key>``), restricted to trial runs. Pure pandas/scipy:
-no MLflow calls here.
+no MLflow calls here. Runs logged before trials reported ``val/acc`` lack that
+column (or hold NaN there); their val accuracy reads "-".
 
 Method of a run: the ``method`` tag when a grid set one (``configs/table2.yaml``),
 otherwise read off its params: ``dropout`` (regularization.dropout.rate > 0),
 ``focused_dropout`` (par_rate > 0), ``input_gradient`` (lambda > 0), joined with
 ``+`` when several are on, ``baseline`` when none is.
 
-Confidence interval: mean +- t_{0.975, n-1} * s / sqrt(n), s the sample standard
-deviation over the runs (seeds) of one method; undefined (NaN) for n = 1, as the
-paper's single runs are.
+Accuracy columns: mean +- the 95% Student t half-width over the runs (seeds) of
+one method (:func:`analysis.stats.paired_t_interval` applied to the values); no
+interval for n = 1, as the paper's single runs are.
+
+Difference from the baseline: a method's run and the baseline run of the same
+``train.seed`` share initialisation and data order, so they form a pair; the
+column is the mean of ``test_acc(method) - test_acc(baseline)`` over the common
+seeds with its paired 95% t half-width and the number of pairs. A seed run
+several times within one method counts once, at the mean of its runs.
 """
 
 from __future__ import annotations
@@ -20,67 +27,119 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+
+from analysis.stats import paired_t_interval
 
 METHOD_PARAMS = (
     ("dropout", "params.regularization.dropout.rate"),
     ("focused_dropout", "params.regularization.focused_dropout.par_rate"),
     ("input_gradient", "params.regularization.gradient_penalty.lambda"),
 )
+BASELINE = "baseline"
+SEED = "params.train.seed"
+ACCURACIES = (("train_acc", "metrics.train/acc"), ("val_acc", "metrics.val/acc"), ("test_acc", "metrics.test/acc"))
+COLUMNS = ["method", "n"] + [f"{name}{suffix}" for name, _ in ACCURACIES for suffix in ("", "_ci", "_n")] + [
+    "test_diff", "test_diff_ci", "pairs"]
+HEADER = "| method | n | train acc | val acc | test acc | Δ test acc vs baseline |"
+TABLE2_CAPTION = (
+    "Table 2: accuracy per method, mean ± 95% t half-width over seeds (none when n < 2; n = runs); "
+    "Δ test acc vs baseline: runs paired by train.seed, mean ± 95% t half-width over the pairs, in points"
+)
 
 
 def method_of(row: pd.Series) -> str:
+    """The run's method: its ``method`` tag, else the regularizers its params switch on (module docstring)."""
     tag = row.get("tags.method")
     if isinstance(tag, str) and tag:
         return tag
     on = [name for name, col in METHOD_PARAMS if float(row.get(col, 0) or 0) > 0]
-    return "+".join(on) if on else "baseline"
+    return "+".join(on) if on else BASELINE
 
 
 def mean_ci(values: pd.Series, confidence: float = 0.95) -> tuple[float, float, int]:
-    """(mean, half-width of the t confidence interval, n); half-width NaN when n < 2."""
-    v = values.dropna().astype(float).to_numpy()
-    n = len(v)
-    if n == 0:
-        return math.nan, math.nan, 0
-    if n == 1:
-        return float(v[0]), math.nan, 1
-    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * v.std(ddof=1) / math.sqrt(n)
-    return float(v.mean()), float(half), n
+    """(mean, half-width of the t confidence interval, n) of ``values``, NaNs dropped; half-width NaN when n < 2."""
+    return paired_t_interval(values.astype(float).to_numpy(), confidence)
+
+
+def _metric(runs: pd.DataFrame, column: str) -> pd.Series:
+    """The metric column as floats; all NaN when no run logged it."""
+    if column not in runs:
+        return pd.Series(math.nan, index=runs.index)
+    return runs[column].astype(float)
+
+
+def _per_seed_test_acc(runs: pd.DataFrame) -> pd.Series:
+    """seed -> test accuracy (mean over the runs of that seed), for runs that logged both."""
+    if SEED not in runs:
+        return pd.Series(dtype=float)
+    acc = pd.DataFrame({"seed": runs[SEED], "acc": _metric(runs, "metrics.test/acc")}).dropna()
+    return acc.groupby("seed")["acc"].mean()
+
+
+def paired_difference(runs: pd.DataFrame, baseline: pd.DataFrame, confidence: float = 0.95) -> tuple[float, float, int]:
+    """(mean, t half-width, pairs) of test_acc(run) - test_acc(baseline run) over the seeds both have."""
+    diffs = (_per_seed_test_acc(runs) - _per_seed_test_acc(baseline)).dropna()  # aligned on seed
+    return paired_t_interval(diffs.to_numpy(), confidence)
+
+
+def _row(method: str, group: pd.DataFrame, baseline: pd.DataFrame | None) -> dict[str, object]:
+    """One Table 2 row: n, each accuracy's (mean, half-width, count), the paired difference from ``baseline``."""
+    row: dict[str, object] = {"method": method, "n": len(group)}
+    for name, column in ACCURACIES:
+        row[name], row[f"{name}_ci"], row[f"{name}_n"] = mean_ci(_metric(group, column))
+    compared = baseline is not None and method != BASELINE
+    row["test_diff"], row["test_diff_ci"], row["pairs"] = (
+        paired_difference(group, baseline) if compared else (math.nan, math.nan, 0))
+    return row
 
 
 def table2(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per method: n, train/test accuracy mean and 95% CI half-width (fractions)."""
+    """One row per method (baseline first): n runs; train/val/test accuracy mean, 95% t half-width and
+    count (fractions); the paired test-accuracy difference from the baseline, its half-width and pairs."""
     if runs.empty:
-        return pd.DataFrame(columns=["method", "n", "train_acc", "train_acc_ci", "test_acc", "test_acc_ci"])
+        return pd.DataFrame(columns=COLUMNS)
     runs = runs.assign(method=runs.apply(method_of, axis=1))
-    rows = []
-    for method, group in runs.groupby("method", sort=False):
-        train, train_ci, n = mean_ci(group["metrics.train/acc"])
-        test, test_ci, _ = mean_ci(group["metrics.test/acc"])
-        rows.append({"method": method, "n": n, "train_acc": train, "train_acc_ci": train_ci,
-                     "test_acc": test, "test_acc_ci": test_ci})
-    order = {"baseline": 0}
-    table = pd.DataFrame(rows)
+    baseline = runs[runs["method"] == BASELINE] if (runs["method"] == BASELINE).any() else None
+    table = pd.DataFrame([_row(method, group, baseline) for method, group in runs.groupby("method", sort=False)])
+    order = {BASELINE: 0}
     return table.sort_values(by="method", key=lambda s: s.map(lambda m: (order.get(m, 1), m))).reset_index(drop=True)
 
 
-def _pct(mean: float, ci: float) -> str:
+def _pct(mean: float, ci: float, count: int, n: int) -> str:
+    """"72.00% ± 4.97", with "(n=k)" when only k of the row's n runs logged the value."""
     if math.isnan(mean):
         return "-"
-    return f"{100 * mean:.2f}%" + ("" if math.isnan(ci) else f" ± {100 * ci:.2f}")
+    text = f"{100 * mean:.2f}%" + ("" if math.isnan(ci) else f" ± {100 * ci:.2f}")
+    return text + ("" if count == n else f" (n={count})")
+
+
+def _diff(mean: float, ci: float, pairs: int) -> str:
+    """"+0.61 ± 0.40 pt (n=3 pairs)" in percentage points; "-" with no pair."""
+    if pairs == 0:
+        return "-"
+    text = f"{100 * mean:+.2f}" + ("" if math.isnan(ci) else f" ± {100 * ci:.2f}")
+    return f"{text} pt (n={pairs} pair{'s' if pairs > 1 else ''})"
 
 
 def table2_markdown(table: pd.DataFrame) -> str:
-    """Table 2 as Markdown, accuracies in percent with the 95% CI half-width."""
-    lines = ["| method | n | train acc | test acc |", "|---|---|---|---|"]
+    """Table 2 as Markdown: accuracies in percent with the 95% t half-width, the paired difference in points."""
+    lines = [HEADER, "|---|---|---|---|---|---|"]
     for r in table.itertuples():
-        lines.append(f"| {r.method} | {r.n} | {_pct(r.train_acc, r.train_acc_ci)} | {_pct(r.test_acc, r.test_acc_ci)} |")
+        accs = " | ".join(_pct(getattr(r, name), getattr(r, f"{name}_ci"), getattr(r, f"{name}_n"), r.n)
+                          for name, _ in ACCURACIES)
+        lines.append(f"| {r.method} | {r.n} | {accs} | {_diff(r.test_diff, r.test_diff_ci, r.pairs)} |")
     return "\n".join(lines)
 
 
+def accuracy_title(table: pd.DataFrame) -> str:
+    """Title of :func:`accuracy_figure`: claims an interval only when some method has n >= 2 test accuracies."""
+    if (table["test_acc_n"] < 2).all():
+        return "Test accuracy per method\n(single runs, no interval)"
+    return "Test accuracy per method\n(mean, 95% t interval over seeds where n ≥ 2)"
+
+
 def accuracy_figure(table: pd.DataFrame, path) -> None:
-    """Test accuracy per method with 95% CI bars (PNG)."""
+    """Test accuracy per method with 95% t interval bars where n >= 2, each bar labelled with its n (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,9 +147,10 @@ def accuracy_figure(table: pd.DataFrame, path) -> None:
 
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(table), 3.5))
     err = np.nan_to_num(table["test_acc_ci"].to_numpy(dtype=float) * 100)
-    ax.bar(table["method"], table["test_acc"] * 100, yerr=err, capsize=4, color="#4c72b0")
+    bars = ax.bar(table["method"], table["test_acc"] * 100, yerr=err, capsize=4, color="#4c72b0")
+    ax.bar_label(bars, [f"n={n}" for n in table["test_acc_n"]], label_type="center", color="white", fontsize=8)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy per method (mean, 95% CI over seeds)")
+    ax.set_title(accuracy_title(table))
     ax.tick_params(axis="x", rotation=20)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -30,7 +30,7 @@ def plain_epochs(dump: dict, num_classes: int, epochs: int) -> tuple[list[float]
     t = dump["train"]
     torch.manual_seed(t["seed"])
     model = build_model(dump, num_classes)
-    train_loader, _ = build_loaders(dump["data"], batch_size=t["batch_size"], seed=t["seed"])
+    train_loader, _, _ = build_loaders(dump["data"], batch_size=t["batch_size"], seed=t["seed"])
     opt = torch.optim.SGD(model.parameters(), lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"])
     rates, shares = [], []
     for epoch in range(epochs):

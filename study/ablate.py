@@ -46,6 +46,7 @@ import ray
 import torch
 
 from analysis.ablation import (
+    ALPHA,
     AblationCounts,
     class_accuracy,
     model_from_state_dict,
@@ -68,7 +69,7 @@ __all__ = [
     "fan_out",
     "resolve_source",
     "run_ablation",
-    "selection_split",
+    "validation_split",
     "study_config",
     "report_split",
 ]
@@ -241,6 +242,8 @@ def study_config(
         for section in ("data", "model"):
             if section in own:
                 raw[section] = copy.deepcopy(own[section])
+        if "data" in own and "val_fraction" not in own["data"]:
+            raw["data"]["val_fraction"] = 0.0  # trained before validation splits existed: on every train image
     if tracking_uri is not None:
         raw.setdefault("tracking", {})["mlflow_uri"] = tracking_uri
     return validate(apply_overrides(raw, list(overrides or [])))
@@ -273,7 +276,8 @@ class Split:
     """Images to evaluate: ``indices`` into the train or test split of ``cfg.data``.
 
     Attributes:
-        name: "test" (report) or "selection" (held-out part of train).
+        name: "test" (reported, never chosen on) or "val" (the validation images
+            held out of training, :func:`trainables.data.split_of`; units are selected on them).
         train: which split of the dataset the indices address.
         indices: (N,) int64, sorted.
     """
@@ -287,32 +291,36 @@ class Split:
         return self.indices.numel()
 
 
-def _split_size(cfg: StudyConfig, train: bool) -> int:
-    d = cfg.data
-    if d.name == "shapes":
-        return d.num_train if train else d.num_test
-    from trainables.data import places365_dataset
+def split_labels(cfg: StudyConfig, train: bool) -> torch.Tensor:
+    """(N,) int64 labels of the dataset's train or test split."""
+    from trainables.data import load_arrays, places365_dataset
 
+    d = cfg.data
     if d.name == "places365":
-        return len(places365_dataset(d.root, train, d.download, d.image_size, augment=False))
-    return 50_000 if train else 10_000  # cifar100
+        return torch.as_tensor(places365_dataset(d.root, train, d.download, d.image_size, augment=False).targets)
+    return load_arrays(cfg.dump()["data"], train=train)[1]
 
 
 def report_split(cfg: StudyConfig) -> Split:
     """Every image of the dataset's test split (the report split)."""
-    return Split("test", False, torch.arange(_split_size(cfg, train=False)))
+    return Split("test", False, torch.arange(split_labels(cfg, train=False).numel()))
 
 
-def selection_split(cfg: StudyConfig) -> Split:
-    """``ablation.holdout_fraction`` of the train split, drawn by a permutation seeded by ``data.seed``.
+def validation_split(cfg: StudyConfig) -> Split:
+    """The validation images the checkpoint's training held out (``data.val_fraction``, ``data.seed``).
 
-    Deterministic, so a rerun (or resume) selects the same images. Note: ``study
-    train`` trains on the whole train split, these images included.
+    ``data`` comes from the checkpoint's own config (:func:`study_config`), so
+    these are exactly the images its training loader never saw.
     """
-    n = _split_size(cfg, train=True)
-    k = max(1, round(cfg.ablation.holdout_fraction * n))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.data.seed))
-    return Split("selection", True, perm[:k].sort().values)
+    from trainables.data import split_of
+
+    if cfg.data.val_fraction == 0:
+        raise ConfigError(
+            "selecting units needs validation images the model was not trained on, but data.val_fraction = 0 "
+            "(the checkpoint was trained on the whole training split); train with data.val_fraction > 0"
+        )
+    _, val = split_of(cfg.dump()["data"], split_labels(cfg, train=True))
+    return Split("val", True, val)
 
 
 def _split_arrays(cfg: StudyConfig, split: Split) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -357,7 +365,7 @@ def shard_task(state_dict: dict, images, labels, job: dict) -> dict:
     expected (architecture), layer, units or interventions, fail_marker.
     Returns the counts' ``state_dict()`` (plain CPU tensors).
     """
-    from analysis.ablation import ablate_units
+    from analysis.ablation import ablate_units, precision_differences
     from analysis.intervention import Intervention, intervention_counts
 
     marker = job.get("fail_marker")
@@ -367,15 +375,23 @@ def shard_task(state_dict: dict, images, labels, job: dict) -> dict:
         raise RuntimeError(f"injected fault in {Path(marker).name} (first attempt)")
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     model = model_from_state_dict(state_dict, device=device, **job["expected"])
-    batches = _shard_batches(job["data"], images, labels, job["train"], job["indices"], job["batch_size"], device)
+    dtype = torch.float64 if job["dtype"] == "float64" else torch.float32
+
+    def batches_of(indices):
+        return _shard_batches(job["data"], images, labels, job["train"], indices, job["batch_size"], device)
+
     if job["kind"] == "ablation":
-        counts = ablate_units(model, job["layer"], batches, job["units"], device=device,
-                              num_classes=job["num_classes"])
-    else:
-        plan = [Intervention(**d) for d in job["interventions"]]
-        counts = intervention_counts(model, job["layer"], batches, plan, device=device,
-                                     num_classes=job["num_classes"])
-    return counts.state_dict()
+        counts = ablate_units(model, job["layer"], batches_of(job["indices"]), job["units"], device=device,
+                              num_classes=job["num_classes"], dtype=dtype)
+        state = counts.state_dict()
+        check = job["indices"][job["precision_check"]]
+        state["precision_pairs"], state["precision_differ"] = (
+            precision_differences(model, job["layer"], batches_of(check), job["units"], device=device,
+                                  num_classes=job["num_classes"]) if check.numel() else (0, 0))
+        return state
+    plan = [Intervention(**d) for d in job["interventions"]]
+    return intervention_counts(model, job["layer"], batches_of(job["indices"]), plan, device=device,
+                               num_classes=job["num_classes"], dtype=dtype).state_dict()
 
 
 # --------------------------------------------------------------------------- fan-out
@@ -388,6 +404,7 @@ class FanOut:
     results: dict[str, dict]
     computed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    precision: tuple[int, int] = (0, 0)  # ablation: (unit, image) pairs re-checked in float64, and how many differ
 
 
 def _job_hash(identity: dict) -> str:
@@ -490,6 +507,7 @@ def _common_job(cfg: StudyConfig, split: Split) -> dict:
         "num_classes": cfg.num_classes,
         "expected": expected_architecture(cfg),
         "layer": cfg.ablation.layer,
+        "dtype": cfg.ablation.dtype,
     }
 
 
@@ -533,9 +551,10 @@ def ablation_counts(
     fail_once_dir: Path | None = None,
 ) -> tuple[AblationCounts, FanOut]:
     """Per-unit ablation counts of ``split``, fanned out over unit chunks x data shards and merged."""
-    identity = {"kind": "ablation", "checkpoint": source.fingerprint, "split": split.name,
+    identity = {"kind": "ablation", "version": 2, "checkpoint": source.fingerprint, "split": split.name,
                 "indices": _job_hash({"i": split.indices}), "layer": cfg.ablation.layer, "units": units,
-                "data": cfg.dump()["data"]}
+                "data": cfg.dump()["data"], "dtype": cfg.ablation.dtype,
+                "precision_sample": cfg.ablation.precision_sample}
     parts_dir = out_dir / "parts" / f"ablation-{split.name}-{_job_hash(identity)}" if out_dir else None
 
     def make() -> dict:
@@ -546,17 +565,29 @@ def ablation_counts(
     grid = _plan(parts_dir, identity, make)
     common = _common_job(cfg, split)
     images, labels = shared.arrays[split.name]
+    sample = precision_sample(cfg, split.num_images)
     jobs = {}
     for c, chunk in enumerate(grid["chunks"]):
         for s, (lo, hi) in enumerate(grid["shards"]):
             key = f"chunk{c:03d}-shard{s:03d}"
             marker = str(fail_once_dir / f"{parts_dir.name if parts_dir else split.name}-{key}") if fail_once_dir else None
+            check = sample[(sample >= lo) & (sample < hi)] - lo  # positions within the shard
             jobs[key] = ({**common, "kind": "ablation", "units": chunk, "indices": shared.indices(split, lo, hi),
-                          "fail_marker": marker}, images, labels)
+                          "precision_check": check, "fail_marker": marker}, images, labels)
     done = fan_out(cfg, jobs, shared.state, parts_dir=parts_dir, desc=f"ablating {cfg.ablation.layer} ({split.name})",
                    quiet=quiet)
     counts = AblationCounts.merge(AblationCounts.from_state_dict(done.results[k]) for k in jobs)
+    done.precision = (sum(int(done.results[k]["precision_pairs"]) for k in jobs),
+                      sum(int(done.results[k]["precision_differ"]) for k in jobs))
     return counts, done
+
+
+def precision_sample(cfg: StudyConfig, num_images: int) -> torch.Tensor:
+    """Sorted positions of the images re-checked in float64 (``ablation.precision_sample``; none in float64)."""
+    if cfg.ablation.dtype == "float64" or cfg.ablation.precision_sample == 0:
+        return torch.zeros(0, dtype=torch.long)
+    perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(cfg.data.seed))
+    return perm[: cfg.ablation.precision_sample].sort().values
 
 
 # --------------------------------------------------------------------------- outputs
@@ -580,10 +611,12 @@ def _figures(counts: AblationCounts, out_dir: Path) -> list[Path]:
     ranked = rank_units(counts)
     change = ranked["change"].to_numpy() * 100
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    colours = ["tab:red" if c > 0 else "tab:blue" if c < 0 else "tab:gray" for c in change]
+    sig = ranked["significant"].to_numpy()
+    colours = ["lightgray" if not q else "tab:red" if c > 0 else "tab:blue" for c, q in zip(change, sig)]
     ax.bar(range(len(change)), change, width=1.0, color=colours)
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_xlabel(f"{counts.layer} units, sorted by change (most important left)")
+    ax.set_xlabel(f"{counts.layer} units, sorted by change (most important left); coloured: significant "
+                  f"(McNemar, BH q < {ALPHA:g}; {int(sig.sum())} of {len(sig)}), grey: not")
     ax.set_ylabel("accuracy change (points)")
     ax.set_title(f"Removing one {counts.layer} unit: overall accuracy change vs baseline "
                  f"{float(counts.baseline_correct.sum()) / counts.num_images:.2%}")
@@ -701,10 +734,15 @@ def ablate(
     files = write_ablation_outputs(counts, cfg, out_dir)
     ranked = rank_units(counts)
     baseline = float(counts.baseline_correct.sum()) / counts.num_images
+    pairs, differ = done.precision
+    metrics = {"test/baseline_acc": baseline, "test/best_unit_change": float(ranked["change"].min()),
+               "test/worst_unit_change": float(ranked["change"].max()),
+               "test/significant_units": int(ranked["significant"].sum())}
+    if pairs:
+        metrics.update({"precision/pairs_checked": pairs, "precision/pairs_differ": differ})
     run_id = log_run(
         cfg, source, kind="ablation", name=f"ablation-{cfg.ablation.layer}-{source.name}",
-        metrics={"test/baseline_acc": baseline, "test/best_unit_change": float(ranked["change"].min()),
-                 "test/worst_unit_change": float(ranked["change"].max())},
+        metrics=metrics,
         params={"ablation.num_units": len(units), "ablation.num_images": counts.num_images,
                 "ablation.tasks": len(done.results)},
         files=files,
@@ -768,17 +806,32 @@ def ablation_summary(result: AblationResult, n: int = 5) -> list[str]:
     """A few lines for the terminal: baseline, the n worst and n best units, where things went."""
     c = result.counts
     r = result.ranked
-    fmt = lambda rows: ", ".join(f"{int(u)} ({d * 100:+.2f} pt)" for u, d in zip(rows["unit"], rows["change"]))  # noqa: E731
     worst = r.sort_values(["change", "unit"], ascending=[False, True]).head(n)
     best = r.head(n)
     src = f", source run {result.source.run_id}" if result.source.run_id else ""
-    return [
+    raised, lowered = r[r["significant"] & (r["change"] > 0)], r[r["significant"] & (r["change"] < 0)]
+    lines = [
         f"{c.layer}: {c.units.numel()} units ablated one at a time on {c.num_images} test images, "
         f"{len(result.fan_out.results)} tasks ({len(result.fan_out.computed)} run now, "
         f"{len(result.fan_out.reused)} resumed)",
-        f"baseline accuracy {result.baseline_accuracy:.2%}",
-        f"worst units (removal raises accuracy): {fmt(worst)}",
-        f"best units (removal lowers accuracy):  {fmt(best)}",
+        f"baseline accuracy {result.baseline_accuracy:.2%}; each change is tested against it on the same images "
+        f"(exact McNemar test, Benjamini-Hochberg q over the {len(r)} units)",
+        f"significant at q < {ALPHA:g}: {len(lowered)} unit(s) whose removal lowers accuracy, {len(raised)} whose "
+        "removal raises it",
+        f"worst units (removal raises accuracy): {_unit_list(worst)}",
+        f"best units (removal lowers accuracy):  {_unit_list(best)}",
+    ]
+    pairs, differ = result.fan_out.precision
+    if pairs:
+        lines.append(f"float32 check: {differ} of {pairs} (unit, image) results differ from float64 on a sample "
+                     f"of images" + ("" if not differ else "; use --set ablation.dtype=float64 for exact counts"))
+    return lines + [
         f"outputs: {result.out_dir}/ ({', '.join(f.name for f in result.files)})",
         f"MLflow run {result.run_id} (kind=ablation{src})",
     ]
+
+
+def _unit_list(rows: pd.DataFrame) -> str:
+    """``48 (+1.20 pt, q 0.030*)``: change, q-value, ``*`` when significant."""
+    return ", ".join(f"{int(r.unit)} ({r.change * 100:+.2f} pt, q {r.q_value:.3f}{'*' if r.significant else ''})"
+                     for r in rows.itertuples())

@@ -85,8 +85,9 @@ def train_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     result = train(cfg, config_path=str(config) if config else None)
     (trial,) = result.trials
     m = trial["metrics"]
+    val = f"val/acc {m['val/acc']:.2%}, " if "val/acc" in m else ""
     typer.echo(
-        f"done: test/acc {m['test/acc']:.2%}, train/acc {m['train/acc']:.2%} after {int(m['epoch']) + 1} epochs; "
+        f"done: train/acc {m['train/acc']:.2%}, {val}test/acc {m['test/acc']:.2%} after {int(m['epoch']) + 1} epochs; "
         f"MLflow parent run {result.parent_run_id}, trial run {trial['run_id']}"
     )
     typer.echo(f"checkpoint: {trial['checkpoint_path']}")
@@ -109,9 +110,13 @@ def sweep_cmd(
     result = sweep(cfg, config_path=str(config) if config else None, resume=resume, name=name)
     done = [t for t in result.trials if t["error"] is None and "test/acc" in t["metrics"]]
     typer.echo(f"{len(done)}/{len(result.trials)} trials finished; MLflow parent run {result.parent_run_id}")
-    for t in sorted(done, key=lambda t: -t["metrics"]["test/acc"]):
+    metric, sign = cfg.sweep.metric, (-1 if cfg.sweep.mode == "max" else 1)
+    for t in sorted(done, key=lambda t: sign * t["metrics"].get(metric, -sign * float("inf"))):
         values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["search"].items())
-        typer.echo(f"  test/acc {t['metrics']['test/acc']:.2%} after {int(t['metrics']['epoch']) + 1} epochs  {values}")
+        val = f"val/acc {t['metrics']['val/acc']:.2%}  " if "val/acc" in t["metrics"] else ""
+        mark = "  <- best (chosen on " + metric + ")" if result.best is t else ""
+        typer.echo(f"  {val}test/acc {t['metrics']['test/acc']:.2%} after {int(t['metrics']['epoch']) + 1} epochs  "
+                   f"{values}{mark}")
     for t in result.trials:
         if t["error"]:
             typer.echo(f"  trial {t['trial_id']} failed: {t['error']}", err=True)
@@ -155,7 +160,7 @@ def intervene_cmd(
     factors: Annotated[Optional[str], typer.Option("--factors", help="Factors tried in order, e.g. 2,3.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: outputs/intervention-<run>).")] = None,
 ) -> None:
-    """Table 1: damp or boost the worst/best units (selected on held-out train images), reported on test."""
+    """Table 1: damp or boost the worst/best units (selected on validation images), reported on test."""
     from study.intervene import intervention_summary, run_intervention
     from study.tracking import ui_hint
 
@@ -173,13 +178,14 @@ def report_cmd(
     experiment: Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment (default: tracking.experiment).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default: outputs/report-<experiment>).")] = None,
 ) -> None:
-    """Rebuild the paper's Table 2 from the runs in MLflow (mean +- 95% CI over seeds)."""
+    """Rebuild the paper's Table 2 from the runs in MLflow (mean +- 95% t interval over seeds, paired differences)."""
     from study.config import load_config
+    from analysis.tables import TABLE2_CAPTION
     from study.report import report
 
     cfg = load_config(config, set_)
     r = report(cfg, experiment, out)
-    typer.echo("Table 2: accuracy per method (mean ± 95% CI half-width over seeds; n = runs)")
+    typer.echo(TABLE2_CAPTION)
     typer.echo(r.markdown)
     if r.table1:
         typer.echo("\nTable 1: unit interventions (latest `study intervene` run)")

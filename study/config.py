@@ -43,7 +43,8 @@ class DataConfig(_Section):
     image_size: int = Field(32, ge=8, le=1024)  # side in px (shapes generates at this size)
     num_train: int = Field(10_000, ge=1)  # shapes: generated training images
     num_test: int = Field(2_000, ge=1)  # shapes: generated test images
-    seed: int = 0  # shapes: generation seed (train and test use seed and seed + 1)
+    seed: int = 0  # shapes: generation seed (train and test use seed and seed + 1); seed of the train/val split
+    val_fraction: float = Field(0.1, ge=0, lt=1)  # share of train held out (class-stratified) for every choice; 0 = none
     augment: bool = True  # random crop (pad crop_padding) + horizontal flip on train batches
     crop_padding: int = Field(4, ge=0, le=64)  # zero padding before the random crop
     loader_workers: int = Field(4, ge=0, le=64)  # DataLoader workers (places365 path only)
@@ -121,6 +122,12 @@ class SweepConfig(_Section):
     methods: dict[str, dict[str, Any]] = {}  # named bundles of overrides, one grid axis (Table 2)
     seeds: list[int] = []  # a grid axis over train.seed (Table 2's repeats)
     name: str | None = None  # sweep name in storage (default: sweep-<timestamp>)
+    metric: Literal["val/acc", "val/loss"] = "val/acc"  # what Optuna, ASHA and the best trial are chosen on
+
+    @property
+    def mode(self) -> str:
+        """``max`` for an accuracy, ``min`` for a loss."""
+        return "min" if self.metric.endswith("loss") else "max"
 
 
 class AblationConfig(_Section):
@@ -129,7 +136,8 @@ class AblationConfig(_Section):
     unit_chunk: int = Field(64, ge=1)  # units per Ray task
     num_gpus: float = Field(0.25, ge=0, le=1)  # GPU share per task (0 on CPU clusters)
     max_retries: int = Field(3, ge=0)
-    holdout_fraction: float = Field(0.1, gt=0, lt=1)  # train share held out to select units
+    dtype: Literal["float32", "float64"] = "float32"  # float64: counts equal the naive loop's even on near-ties
+    precision_sample: int = Field(64, ge=0)  # float32 only: images re-checked in float64 (0 = no check)
     top_k: int = Field(5, ge=1)  # worst/best units for interventions
     factors: list[float] = [2.0, 3.0]  # divide / multiply factors tried in order
 

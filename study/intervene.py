@@ -3,8 +3,9 @@
 Paper: PAPER.md section 2 items 2-3 (Kim, Samith, Utama Table 1). The
 computation is :mod:`analysis.intervention`; this is its driver:
 
-1. selection split = ``ablation.holdout_fraction`` of the train split
-   (:func:`study.ablate.selection_split`, deterministic), report split = test;
+1. selection split = the validation images the checkpoint's training held out
+   (:func:`study.ablate.validation_split`; never trained on, never the test
+   set), report split = test;
 2. per-unit ablation on the selection split (fanned out and resumable exactly
    like ``study ablate``) gives the worst-k units (removal raises accuracy most)
    and the best-k (removal lowers it most), k = ``ablation.top_k``;
@@ -14,6 +15,8 @@ computation is :mod:`analysis.intervention`; this is its driver:
    summed; :func:`analysis.intervention.intervention_table` applies the paper's
    rule (stop raising the factor once accuracy falls below baseline) judged on
    the selection split;
+   every row carries its exact McNemar p-value against the unmodified model on
+   the same test images; rows with p >= 0.05 are marked not significant;
 4. Table 1 is printed (Markdown) and logged as CSV and Markdown to an MLflow run
    tagged ``kind=intervention``, linked to the checkpoint's run like ``study ablate``.
 """
@@ -48,7 +51,7 @@ from study.ablate import (
     log_run,
     prepare,
     put_shared,
-    selection_split,
+    validation_split,
     report_split,
 )
 from study.config import StudyConfig
@@ -87,9 +90,9 @@ def intervention_counts_fanned(
 ) -> tuple[InterventionCounts, FanOut]:
     """:func:`analysis.intervention.intervention_counts` of ``plan`` on ``split``, over data shards, summed."""
     plan_dicts = [asdict(iv) for iv in plan]
-    identity = {"kind": "intervention", "checkpoint": source.fingerprint, "split": split.name,
+    identity = {"kind": "intervention", "version": 2, "checkpoint": source.fingerprint, "split": split.name,
                 "indices": _job_hash({"i": split.indices}), "layer": cfg.ablation.layer, "plan": plan_dicts,
-                "data": cfg.dump()["data"]}
+                "data": cfg.dump()["data"], "dtype": cfg.ablation.dtype}
     parts_dir = out_dir / "parts" / f"intervention-{split.name}-{_job_hash(identity)}" if out_dir else None
 
     def make() -> dict:
@@ -117,7 +120,7 @@ def table1_display(table: pd.DataFrame) -> pd.DataFrame:
     pct = lambda v: f"{v * 100:.2f}%"  # noqa: E731
     first = table.iloc[0]
     rows = [{"units": "-", "intervention": "baseline (none)", "test acc": pct(first["baseline"]), "change": "",
-             "selection acc": pct(first["selection_baseline"]), "stop": ""}]
+             "95% CI": "", "p": "", "val acc": pct(first["selection_baseline"]), "stop": ""}]
     for _, r in table.iterrows():
         sign = "/" if r["operation"] == "divide" else "x"
         rows.append({
@@ -125,7 +128,9 @@ def table1_display(table: pd.DataFrame) -> pd.DataFrame:
             "intervention": f"{r['intervention']} {sign}{r['factor']:g}",
             "test acc": pct(r["accuracy"]),
             "change": f"{r['change'] * 100:+.2f} pt",
-            "selection acc": pct(r["selection_accuracy"]),
+            "95% CI": f"[{r['ci_low'] * 100:+.2f}, {r['ci_high'] * 100:+.2f}]",
+            "p": f"{r['p_value']:.3g}" + ("" if r["significant"] else " (n.s.)"),
+            "val acc": pct(r["selection_accuracy"]),
             "stop": "below baseline" if r["below_baseline"] else "",
         })
     return pd.DataFrame(rows)
@@ -148,7 +153,7 @@ def intervene(
     num_shards: int | None = None,
     quiet: bool = False,
 ) -> InterventionResult:
-    """Select worst/best units on the held-out train images, evaluate Table 1 on both splits, write and log it."""
+    """Select worst/best units on the validation images, evaluate Table 1 on both splits, write and log it."""
     model = check_model(source, cfg)
     layer, k = cfg.ablation.layer, cfg.ablation.top_k
     candidates = check_units(model, layer, cfg.ablation.units).tolist()
@@ -159,7 +164,7 @@ def intervene(
         )
     if not cfg.ablation.factors or any(not f > 0 for f in cfg.ablation.factors):
         raise ConfigError(f"ablation.factors must be positive numbers, got {cfg.ablation.factors}")
-    selection, report = selection_split(cfg), report_split(cfg)
+    selection, report = validation_split(cfg), report_split(cfg)
     init_ray(cfg)
     shared = put_shared(cfg, source, [selection, report])
     fans: dict[str, FanOut] = {}
@@ -171,30 +176,38 @@ def intervene(
     for split in (selection, report):
         counts[split.name], fans[split.name] = intervention_counts_fanned(
             cfg, source, split, plan, shared, out_dir=out_dir, num_shards=num_shards, quiet=quiet)
-    table = intervention_table(counts["test"], counts["selection"])
+    table = intervention_table(counts["test"], counts["val"])
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [out_dir / "table1.csv", out_dir / "table1.md", out_dir / "units_ranked_selection.csv"]
+    files = [out_dir / "table1.csv", out_dir / "table1.md", out_dir / "units_ranked_val.csv"]
     table.to_csv(files[0], index=False)
     files[1].write_text(
-        f"# Table 1: {layer} interventions\n\nUnits selected on {selection.num_images} held-out train images "
-        f"(worst-{k}: {' '.join(map(str, worst))}; best-{k}: {' '.join(map(str, best))}); accuracy reported on "
-        f"{report.num_images} test images.\n\n{markdown_table(table1_display(table))}\n"
+        f"# Table 1: {layer} interventions\n\n{table1_caption(selection.num_images, report.num_images, worst, best)}"
+        f"\n\n{markdown_table(table1_display(table))}\n"
     )
     rank_units(ablation).to_csv(files[2], index=False)
     run_id = log_run(
         cfg, source, kind="intervention", name=f"intervention-{layer}-{source.name}",
         metrics={"test/baseline_acc": counts["test"].baseline_accuracy,
-                 "selection/baseline_acc": counts["selection"].baseline_accuracy,
-                 "test/best_intervention_change": float(table["change"].max())},
+                 "val/baseline_acc": counts["val"].baseline_accuracy,
+                 "test/best_intervention_change": float(table["change"].max()),
+                 "test/significant_rows": int(table["significant"].sum())},
         params={"intervention.worst_units": " ".join(map(str, worst)),
                 "intervention.best_units": " ".join(map(str, best)),
                 "intervention.selection_images": selection.num_images,
                 "intervention.report_images": report.num_images},
         files=files,
     )
-    return InterventionResult(table, ablation, counts["test"], counts["selection"], worst, best, out_dir, files,
+    return InterventionResult(table, ablation, counts["test"], counts["val"], worst, best, out_dir, files,
                               run_id, source, fans, cfg)
+
+
+def table1_caption(val_images: int, test_images: int, worst: Sequence[int], best: Sequence[int]) -> str:
+    k = len(worst)
+    return (f"Units selected on {val_images} validation images held out of training (worst-{k}: "
+            f"{' '.join(map(str, worst))}; best-{k}: {' '.join(map(str, best))}); accuracy reported on "
+            f"{test_images} test images. p: exact McNemar test of each row against the baseline on the same test "
+            f"images; (n.s.) = p >= 0.05. 95% CI: paired (Agresti-Min) interval of the change, in points.")
 
 
 def _factors_option(factors: str | None) -> list[str]:
@@ -235,8 +248,9 @@ def intervention_summary(result: InterventionResult) -> list[str]:
     src = f", source run {result.source.run_id}" if result.source.run_id else ""
     return [
         markdown_table(table1_display(result.table)),
-        f"units selected on {result.selection.total.sum().item()} held-out train images: "
-        f"worst {' '.join(map(str, result.worst))}; best {' '.join(map(str, result.best))}",
+        table1_caption(int(result.selection.total.sum()), int(result.report.total.sum()), result.worst, result.best),
+        f"{int(result.table['significant'].sum())} of {len(result.table)} interventions change test accuracy "
+        "significantly (p < 0.05)",
         f"outputs: {result.out_dir}/ ({', '.join(f.name for f in result.files)})",
         f"MLflow run {result.run_id} (kind=intervention{src})",
     ]

@@ -25,6 +25,7 @@ def quickstart(
     quiet: bool = False,
 ) -> dict:
     """Run sweep -> ablate -> intervene -> dissect -> report; returns what each step produced."""
+    from analysis.tables import TABLE2_CAPTION
     from study.ablate import ablation_summary, run_ablation
     from study.dissect import dissection_summary, run_dissection
     from study.intervene import intervention_summary, run_intervention
@@ -37,11 +38,12 @@ def quickstart(
 
     echo(f"== 1/5 sweep: {cfg.sweep.num_samples} trials of {cfg.train.epochs} epochs on {cfg.data.name}")
     swept = sweep(cfg, config_path=str(config_path), quiet=quiet)
-    done = [t for t in swept.trials if t["error"] is None and "test/acc" in t["metrics"] and t["run_id"]]
-    if not done:
-        raise UnitstudyError("every sweep trial failed; see the errors above")
-    best = max(done, key=lambda t: t["metrics"]["test/acc"])
-    echo(f"best trial {best['trial_id']}: test/acc {best['metrics']['test/acc']:.2%} (MLflow run {best['run_id']})")
+    best = swept.best
+    if best is None or not best["run_id"]:
+        raise UnitstudyError("no sweep trial finished with a validation score to choose on; see the errors above")
+    m = best["metrics"]
+    echo(f"best trial {best['trial_id']} (chosen on {cfg.sweep.metric}): val/acc {m['val/acc']:.2%}, "
+         f"test/acc {m['test/acc']:.2%} (MLflow run {best['run_id']})")
 
     echo(f"== 2/5 ablation of every {cfg.ablation.layer} unit of the best trial")
     ablated = run_ablation(best["run_id"], config_path, overrides, quiet=quiet)
@@ -60,7 +62,7 @@ def quickstart(
 
     echo("== 5/5 report")
     r = report(cfg)
-    echo("Table 2: accuracy per method (mean ± 95% CI half-width over seeds; n = runs)")
+    echo(TABLE2_CAPTION)
     echo(r.markdown)
     if r.excluded:
         echo("left out: " + ", ".join(f"{n} trial run(s) {why.replace('_', ' ')}" for why, n in r.excluded.items()))

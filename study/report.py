@@ -1,12 +1,15 @@
 """``study report``: the paper's tables rebuilt from the runs in MLflow.
 
 Reads the experiment's runs with ``mlflow.search_runs`` (pandas), keeps the trial
-runs that ran to their last epoch, and prints Table 2 (train and test accuracy
-per method, mean +- 95% CI over seeds, with n) and the latest Table 1 that
-``study intervene`` logged to the experiment. Writes Table 2 as Markdown and CSV
-with two figures (test accuracy per method with CI bars; a parallel-coordinates
-plot of par_rate, dropout and lambda against test accuracy) and logs them to
-the experiment's most recent study (parent) run under ``report/``.
+runs that ran to their last epoch, and prints Table 2 (train, val and test
+accuracy per method, mean +- 95% t half-width over seeds, with n; the test
+accuracy difference from the baseline paired by ``train.seed``, mean +- 95% t
+half-width over the pairs, with their number; see :mod:`analysis.tables`) and
+the latest Table 1 that ``study intervene`` logged to the experiment. Writes
+Table 2 as Markdown and CSV with two figures (test accuracy per method with
+interval bars where n >= 2; a parallel-coordinates plot of par_rate, dropout and
+lambda against test accuracy) and logs them to the experiment's most recent
+study (parent) run under ``report/``.
 """
 
 from __future__ import annotations

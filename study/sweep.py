@@ -8,8 +8,11 @@ Two kinds of sweep, both from the ``sweep`` config section:
   variant generator (OptunaSearch refuses ``grid_search``), ``num_samples``
   repeats of every grid point - Table 2's methods x seeds.
 
-Metric ``test/acc``, mode max. ASHA (``sweep.scheduler = asha``, over epochs) stops
-weak trials early; ``fifo`` runs every trial to the end. Every trial is a child run
+Objective ``sweep.metric`` (default ``val/acc``, maximised; ``val/loss`` is
+minimised), on the validation split carved from train: Optuna, ASHA and the best
+trial all read it, and the test split is only reported. ASHA (``sweep.scheduler =
+asha``, over epochs) stops weak trials early; ``fifo`` runs every trial to the end.
+With ``data.val_fraction = 0`` only a grid under ``fifo`` runs, and no best trial is chosen. Every trial is a child run
 of one MLflow parent run, which also gets the best trial's values, the Optuna
 parameter importances and the optimization history as PNGs.
 """
@@ -23,6 +26,7 @@ from typing import Any
 from study.config import StudyConfig
 from study.runtime import TRIAL_DRIVER_CPUS, worker_resources
 from study.train import StudyResult, run_trials
+from trainables.errors import ConfigError
 
 
 def search_space(cfg: StudyConfig) -> dict[str, Any]:
@@ -79,10 +83,11 @@ def tune_config(cfg: StudyConfig):
     if cfg.sweep.space:
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=cfg.sweep.seed)
+        search_alg = OptunaSearch(seed=cfg.sweep.seed)  # metric and mode come from TuneConfig
+    has_val = cfg.data.val_fraction > 0
     return tune.TuneConfig(
-        metric="test/acc",
-        mode="max",
+        metric=cfg.sweep.metric if has_val else None,
+        mode=cfg.sweep.mode if has_val else None,
         search_alg=search_alg,
         scheduler=scheduler,
         num_samples=cfg.sweep.num_samples,
@@ -90,11 +95,22 @@ def tune_config(cfg: StudyConfig):
     )
 
 
+def check_validation_split(cfg: StudyConfig) -> None:
+    """Refuse a search or ASHA when there is no validation split to choose on."""
+    if cfg.data.val_fraction == 0 and (cfg.sweep.space or cfg.sweep.scheduler == "asha"):
+        what = "an Optuna search (sweep.space)" if cfg.sweep.space else "ASHA early stopping (sweep.scheduler=asha)"
+        raise ConfigError(
+            f"{what} chooses on the validation split, but data.val_fraction = 0 holds none out; set "
+            "data.val_fraction (e.g. 0.1), or run a grid with sweep.scheduler=fifo"
+        )
+
+
 def sweep(
     cfg: StudyConfig, *, config_path: str | None = None, resume: bool = False, name: str | None = None,
     quiet: bool = False,
 ) -> StudyResult:
     """Run (or resume) the sweep; log the summary figures to the parent run."""
+    check_validation_split(cfg)
     result = run_trials(
         cfg,
         kind="sweep",
@@ -134,11 +150,12 @@ def _optuna_study(cfg: StudyConfig, result: StudyResult):
             dists[path] = IntDistribution(int(d.low), int(d.high))
         else:
             dists[path] = CategoricalDistribution(d.values)
-    study = optuna.create_study(direction="maximize")
+    metric = cfg.sweep.metric
+    study = optuna.create_study(direction="maximize" if cfg.sweep.mode == "max" else "minimize")
     for t in result.trials:
-        if t["error"] is None and "test/acc" in t["metrics"] and set(dists) <= set(t["search"]):
+        if t["error"] is None and metric in t["metrics"] and set(dists) <= set(t["search"]):
             params = {p: t["search"][p] for p in dists}
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=t["metrics"]["test/acc"]))
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=t["metrics"][metric]))
     return study
 
 
@@ -160,7 +177,7 @@ def log_summary(cfg: StudyConfig, result: StudyResult) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if study.trials:
             ax = optuna.visualization.matplotlib.plot_optimization_history(study)
-            ax.set_ylabel("test/acc")
+            ax.set_ylabel(cfg.sweep.metric)
             ax.figure.savefig(Path(tmp) / "optimization_history.png", dpi=120, bbox_inches="tight")
             plt.close(ax.figure)
         if len(study.trials) >= 2:
@@ -173,7 +190,7 @@ def log_summary(cfg: StudyConfig, result: StudyResult) -> None:
                     c.log_metric(result.parent_run_id, f"importance/{path}", value)
                 fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(importances)))
                 ax.barh(list(importances)[::-1], list(importances.values())[::-1])
-                ax.set_xlabel("importance for test/acc (fANOVA)")
+                ax.set_xlabel(f"importance for {cfg.sweep.metric} (fANOVA)")
                 fig.savefig(Path(tmp) / "param_importances.png", dpi=120, bbox_inches="tight")
                 plt.close(fig)
         c.log_artifacts(result.parent_run_id, tmp, artifact_path="figures")

@@ -164,9 +164,10 @@ class TrialLogger(Callback):
         if not self.quiet:
             epochs = self.resolve(trial.config)["train"]["epochs"]
             pen = f"  penalty {result['train/penalty']:.4f}" if result.get("train/penalty") else ""
+            val = f"val/acc {result['val/acc']:.1%}  " if "val/acc" in result else ""
             print(
                 f"[{trial.trial_id}] epoch {epoch + 1}/{epochs}  train/loss {result['train/loss']:.3f}  "
-                f"train/acc {result['train/acc']:.1%}  test/acc {result['test/acc']:.1%}{pen}  "
+                f"train/acc {result['train/acc']:.1%}  {val}test/acc {result['test/acc']:.1%}{pen}  "
                 f"{result['time/epoch_s']:.1f} s ({result['time/images_per_s']:.0f} img/s)",
                 flush=True,
             )

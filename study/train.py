@@ -99,6 +99,39 @@ class StudyResult:
     parent_run_id: str
     experiment_path: str
     trials: list[dict[str, Any]]  # trial_id, status, metrics, run_id, checkpoint_path, error
+    best: dict[str, Any] | None = None  # the trial chosen on sweep.metric (validation), None when none could be
+
+
+def choose_best(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The trial without error whose last reported ``metric`` is best (``mode`` max or min); None if none has it.
+
+    Only validation metrics may choose: the test split is for reporting.
+    """
+    if not metric.startswith("val/"):
+        raise ConfigError(f"trials are chosen on a validation metric (val/...), not '{metric}'")
+    candidates = [t for t in trials if t["error"] is None and metric in t["metrics"]]
+    if not candidates:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(candidates, key=lambda t: sign * t["metrics"][metric])
+
+
+def _log_best(client, parent: str, best: dict[str, Any] | None, cfg: StudyConfig) -> None:
+    """The chosen trial's validation and test values on the parent run (``best/*``), and how it was chosen."""
+    if best is None:
+        why = ("no validation split (data.val_fraction = 0)" if cfg.data.val_fraction == 0
+               else f"no trial reported {cfg.sweep.metric}")
+        client.set_tag(parent, "best_trial", f"not chosen: {why}")
+        return
+    for key in ("val/acc", "val/loss", "test/acc", "test/loss"):
+        if key in best["metrics"]:
+            client.log_metric(parent, f"best/{key.replace('/', '_')}", best["metrics"][key])
+    client.set_tag(parent, "best_trial_id", str(best["trial_id"]))
+    client.set_tag(parent, "best_chosen_on", cfg.sweep.metric)
+    if best["run_id"]:
+        client.set_tag(parent, "best_run_id", best["run_id"])
+    for path, value in best["search"].items():
+        client.set_tag(parent, f"best.{path}", str(value))
 
 
 def run_trials(
@@ -181,16 +214,10 @@ def run_trials(
             }
         )
     finished = [t for t in trials if t["error"] is None and "test/acc" in t["metrics"]]
-    if finished:
-        best = max(finished, key=lambda t: t["metrics"]["test/acc"])
-        c.log_metric(parent, "best/test_acc", best["metrics"]["test/acc"])
-        c.set_tag(parent, "best_trial_id", str(best["trial_id"]))
-        if best["run_id"]:
-            c.set_tag(parent, "best_run_id", best["run_id"])
-        for path, value in best["search"].items():
-            c.set_tag(parent, f"best.{path}", str(value))
+    best = choose_best(trials, cfg.sweep.metric, cfg.sweep.mode)
+    _log_best(c, parent, best, cfg)
     c.set_terminated(parent, "FINISHED" if len(finished) == len(trials) else "FAILED")
-    return StudyResult(parent_run_id=parent, experiment_path=f"{storage}/{name}", trials=trials)
+    return StudyResult(parent_run_id=parent, experiment_path=f"{storage}/{name}", trials=trials, best=best)
 
 
 def latest_study(storage: str, kind: str) -> str:
@@ -212,7 +239,7 @@ def train(cfg: StudyConfig, *, config_path: str | None = None, quiet: bool = Fal
         cfg,
         kind="train",
         param_space={"config": cfg.dump(), "search": {}},
-        tune_config=lambda: ray.tune.TuneConfig(num_samples=1, metric="test/acc", mode="max"),
+        tune_config=lambda: ray.tune.TuneConfig(num_samples=1),
         parent_tags={"config_file": str(config_path or "")},
         quiet=quiet,
     )

@@ -1,7 +1,7 @@
 """The ablation and intervention drivers (`study ablate`, `study intervene`): Ray fan-out, resume, outputs, MLflow.
 
 A tiny random VGG-16-BN (width 1/16: 32 conv5_3 units) on 200 generated test
-images and 200 held-out train images; every Ray test uses the session cluster.
+images and about 200 validation images held out of the 400 train images; every Ray test uses the session cluster.
 References are computed in this process on the same images in the same batches
 (the shards, one after another), so counts must agree exactly.
 """
@@ -14,14 +14,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from analysis.ablation import ablate_units, model_from_state_dict
+from analysis.ablation import ablate_units, ablate_units_naive, model_from_state_dict
 from analysis.intervention import run_table1
-from study.ablate import ablate, prepare, run_ablation, selection_split, report_split
+import study.intervene as intervene_module
+from study.ablate import ablate, prepare, report_split, run_ablation, validation_split
 from study.cli import main
 from study.config import load_config
 from study.intervene import run_intervention
 from trainables.checkpoint import checkpoint_dict, save_checkpoint
-from trainables.data import MEAN_STD, DeviceLoader, load_arrays
+from trainables.data import MEAN_STD, DeviceLoader, load_arrays, train_val_split
 from trainables.models import vgg16
 
 from .conftest import ROOT
@@ -38,9 +39,11 @@ def tiny_model(**kw):
 
 
 def briefly_trained(cfg):
-    """A few SGD epochs on the train images, so predictions vary and ablations change some of them."""
+    """A few SGD epochs on the train images (not the validation ones), so predictions vary and ablations change some."""
     model = tiny_model()
     images, labels = load_arrays(cfg.dump()["data"], train=True)
+    fit, _ = train_val_split(labels, cfg.data.val_fraction, cfg.data.seed)
+    images, labels = images[fit], labels[fit]
     mean, std = MEAN_STD[cfg.data.name]
     loader = DeviceLoader(images, labels, batch_size=50, mean=mean, std=std, train=True, augment=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -73,7 +76,7 @@ def setup(ray_cluster, tmp_path_factory):
         "data.num_train=400",
         "data.num_test=200",
         "model.width=0.0625",
-        "ablation.holdout_fraction=0.5",
+        "data.val_fraction=0.5",
         f"tracking.mlflow_uri=sqlite:///{tmp}/mlflow.db",
         "tracking.experiment=test",
         f"ray.storage_path={tmp}/ray",
@@ -119,7 +122,7 @@ def single_process_counts(setup):
 
 def assert_same_counts(a, b):
     assert torch.equal(a.units, b.units)
-    assert torch.equal(a.correct, b.correct)
+    assert torch.equal(a.correct, b.correct) and torch.equal(a.lost, b.lost)
     assert torch.equal(a.total, b.total)
     assert torch.equal(a.baseline_correct, b.baseline_correct)
 
@@ -130,6 +133,16 @@ def test_ray_fanned_ablation_equals_single_process(setup, first_run):
     assert first_run.counts.num_images == 200
     changed = (first_run.counts.correct != first_run.counts.baseline_correct).any(1)
     assert changed.sum() >= 3, "a non-trivial comparison: several ablations change some class's count"
+
+
+def test_float64_ablation_equals_the_naive_loop_and_needs_no_precision_check(setup, tmp_path):
+    result = run_ablation(str(setup["path"]), overrides=setup["sets"] + ["ablation.dtype=float64"], units="0,5,9",
+                          out=tmp_path / "f64", num_shards=SHARDS, quiet=True)
+    model = model_from_state_dict(torch.load(setup["path"], weights_only=True), device="cpu")
+    naive = ablate_units_naive(model, "conv5_3", shard_batches(result.cfg, report_split(result.cfg)), [0, 5, 9],
+                               device="cpu", num_classes=NUM_CLASSES, dtype=torch.float64)
+    assert_same_counts(result.counts, naive)
+    assert result.fan_out.precision == (0, 0)
 
 
 def test_task_failing_once_is_retried_and_every_unit_appears_once(setup, tmp_path):
@@ -159,6 +172,8 @@ def test_outputs_have_tidy_columns_and_the_mlflow_run_links_to_the_training_run(
     assert pd.read_csv(out / "ablation.csv").shape == tidy.shape
     ranked = pd.read_csv(out / "units_ranked.csv")
     assert sorted(ranked["unit"]) == list(range(UNITS)) and {"rank", "verdict", "change"} <= set(ranked.columns)
+    assert {"p_value", "q_value", "significant", "ci_low", "ci_high"} <= set(ranked.columns)
+    assert ranked["significant"].equals(ranked["q_value"] < 0.05)
     per_class = pd.read_csv(out / "units_ranked_per_class.csv")
     assert set(per_class["verdict"]) == {"good", "bad"}
     for png in ("unit_change.png", "heatmap.png"):
@@ -171,6 +186,9 @@ def test_outputs_have_tidy_columns_and_the_mlflow_run_links_to_the_training_run(
     assert run.data.tags["mlflow.parentRunId"] == setup["parent"], "nests in the training study"
     baseline = first_run.counts.baseline_correct.sum().item() / 200
     assert run.data.metrics["test/baseline_acc"] == pytest.approx(baseline)
+    assert run.data.metrics["test/significant_units"] == ranked["significant"].sum()
+    pairs, differ = run.data.metrics["precision/pairs_checked"], run.data.metrics["precision/pairs_differ"]
+    assert pairs == UNITS * 64 and 0 <= differ <= pairs, "64 sampled images, every unit, re-checked in float64"
     logged = {a.path for a in client.list_artifacts(first_run.run_id)}
     assert {"ablation.parquet", "ablation.csv", "units_ranked.csv", "units_ranked_per_class.csv",
             "unit_change.png", "heatmap.png"} <= logged
@@ -193,11 +211,15 @@ def test_intervene_matches_single_process_table1_and_logs_it(setup, capsys):
                               num_shards=SHARDS, quiet=True)
     cfg = result.cfg
     model = model_from_state_dict(torch.load(setup["path"], weights_only=True), device="cpu")
-    expected = run_table1(model, "conv5_3", selection_batches=shard_batches(cfg, selection_split(cfg)),
+    expected = run_table1(model, "conv5_3", selection_batches=shard_batches(cfg, validation_split(cfg)),
                           report_batches=shard_batches(cfg, report_split(cfg)), device="cpu",
                           num_classes=NUM_CLASSES, k=2, factors=(2.0, 3.0))
     pd.testing.assert_frame_equal(result.table, expected)
-    assert result.selection.total.sum() == 200 and result.report.total.sum() == 200, "held-out train vs test"
+    labels = load_arrays(cfg.dump()["data"], train=True)[1]
+    _, val = train_val_split(labels, 0.5, cfg.data.seed)
+    assert result.selection.total.sum() == val.numel() and result.report.total.sum() == 200, "validation vs test"
+    assert set(result.table.columns) >= {"p_value", "significant", "ci_low", "ci_high"}
+    assert "p" in table1_columns(setup["tmp"] / "iv" / "table1.md")
 
     run = setup["client"].get_run(result.run_id)
     assert run.data.tags["kind"] == "intervention" and run.data.tags["source_run_id"] == setup["trial"]
@@ -209,6 +231,47 @@ def test_intervene_matches_single_process_table1_and_logs_it(setup, capsys):
                "--out", str(setup["tmp"] / "iv"), *itertools.chain.from_iterable(("--set", s) for s in sets))
     printed = capsys.readouterr().out
     assert code == 0 and "| units" in printed and "baseline (none)" in printed and "worst-2" in printed
+
+
+def table1_columns(path):
+    header = next(line for line in path.read_text().splitlines() if line.startswith("| units"))
+    return [c.strip() for c in header.strip("|").split("|")]
+
+
+def test_units_are_selected_on_validation_images_and_never_on_test_images(setup, monkeypatch):
+    """Spy on what the intervention driver evaluates: the selection ablation and the stopping
+    rule see only the validation images the training held out; the test split is only reported."""
+    seen = []
+    real_ablation, real_interventions = intervene_module.ablation_counts, intervene_module.intervention_counts_fanned
+
+    def spy_ablation(cfg, source, split, *a, **kw):
+        seen.append(("select units", split))
+        return real_ablation(cfg, source, split, *a, **kw)
+
+    def spy_interventions(cfg, source, split, *a, **kw):
+        seen.append(("interventions", split))
+        return real_interventions(cfg, source, split, *a, **kw)
+
+    monkeypatch.setattr(intervene_module, "ablation_counts", spy_ablation)
+    monkeypatch.setattr(intervene_module, "intervention_counts_fanned", spy_interventions)
+    result = run_intervention(str(setup["path"]), overrides=setup["sets"] + ["ablation.top_k=2"], factors="2",
+                              out=setup["tmp"] / "iv-spy", num_shards=SHARDS, quiet=True)
+    cfg = result.cfg
+    fit, val = train_val_split(load_arrays(cfg.dump()["data"], train=True)[1], 0.5, cfg.data.seed)
+    (select,) = [split for what, split in seen if what == "select units"]
+    assert select.train and torch.equal(select.indices, val), "units are chosen on the held-out validation images"
+    assert not set(select.indices.tolist()) & set(fit.tolist()), "none of them was trained on"
+    test_reads = [what for what, split in seen if not split.train]
+    assert test_reads == ["interventions"], "the test split is read once, to report the chosen interventions"
+    stop_rule = result.table["below_baseline"]
+    assert list(stop_rule) == list(result.table["selection_accuracy"] < result.table["selection_baseline"])
+
+
+def test_intervene_refuses_a_checkpoint_trained_without_a_validation_split(setup, tmp_path, capsys):
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["model.width=0.0625", "data.val_fraction=0"])
+    path = save_checkpoint(tmp_path / "checkpoint.pt", checkpoint_dict(tiny_model(), epoch=0, config=cfg.dump()))
+    assert cli("intervene", "--checkpoint", str(path), "--set", "tracking.mlflow_uri=" + setup["cfg"].tracking.mlflow_uri) == 2
+    one_error_line(capsys.readouterr().err, "data.val_fraction = 0", "train with data.val_fraction > 0")
 
 
 # --------------------------------------------------------------------------- bad inputs

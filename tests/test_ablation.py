@@ -61,7 +61,7 @@ def test_fast_ablation_matches_naive_loop_for_every_unit(nets, net):
     fast = ablate_units(model, "conv5_3", batches, **F64)
     naive = ablate_units_naive(model, "conv5_3", batches, **F64)
     assert torch.equal(fast.units, torch.arange(32)) and torch.equal(naive.units, fast.units)
-    assert torch.equal(fast.correct, naive.correct)
+    assert torch.equal(fast.correct, naive.correct) and torch.equal(fast.lost, naive.lost)
     assert torch.equal(fast.baseline_correct, naive.baseline_correct)
     assert torch.equal(fast.total, naive.total) and fast.num_images == 12
     # not vacuous: ablations change predictions, and both skipped and recomputed pairs occur
@@ -196,7 +196,7 @@ def test_merge_reduces_a_grid_of_unit_chunks_and_data_shards(nets):
         ablate_units(model, "conv5_3", [b], list(r), **F64) for r in (range(0, 10), range(10, 32)) for b in batches
     ]
     merged = AblationCounts.merge(reversed(grid))
-    for field in ("units", "correct", "total", "baseline_correct"):
+    for field in ("units", "correct", "total", "baseline_correct", "lost"):
         assert torch.equal(getattr(merged, field), getattr(whole, field))
 
 
@@ -206,13 +206,15 @@ def test_counts_survive_a_round_trip_through_torch_save_with_weights_only(nets, 
     torch.save(counts.state_dict(), tmp_path / "counts.pt")
     back = AblationCounts.from_state_dict(torch.load(tmp_path / "counts.pt", weights_only=True))
     assert back.layer == "conv5_3"
-    for field in ("units", "correct", "total", "baseline_correct"):
+    for field in ("units", "correct", "total", "baseline_correct", "lost"):
         assert torch.equal(getattr(back, field), getattr(counts, field))
 
 
 def _counts(units, correct, total, baseline, layer="conv5_3"):
+    """Counts as if no image went from wrong to right where a class lost accuracy (fewest discordant images)."""
     t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    return AblationCounts(layer, t(units), t(correct), t(total), t(baseline))
+    lost = (t(baseline)[None] - t(correct)).clamp(min=0)
+    return AblationCounts(layer, t(units), t(correct), t(total), t(baseline), lost)
 
 
 def test_merging_refuses_parts_that_do_not_fit_together():
@@ -259,7 +261,8 @@ def test_class_accuracy_table_is_tidy_and_consistent_with_the_counts():
     c = _counts([3, 8], [[1, 4], [2, 0]], [2, 4], [2, 3])
     df = class_accuracy(c, class_names=["cat", "dog"])
     assert list(df.columns) == ["unit", "class", "class_name", "accuracy", "baseline_accuracy", "change",
-                                "correct", "total"]
+                                "correct", "total", "lost", "gained", "ci_low", "ci_high", "p_value", "q_value",
+                                "significant"]
     assert len(df) == 4
     row = df[(df.unit == 8) & (df["class"] == 1)].iloc[0]
     assert row.class_name == "dog" and row.accuracy == 0.0 and row.baseline_accuracy == 0.75

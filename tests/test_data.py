@@ -137,10 +137,50 @@ def test_augmentation_is_a_padded_crop_possibly_flipped():
 
 
 def test_build_loaders_for_shapes_gives_normalised_batches():
-    train, test = D.build_loaders(SHAPES_CFG, batch_size=32, world_size=2, rank=1, seed=0)
+    train, val, test = D.build_loaders(SHAPES_CFG, batch_size=32, world_size=2, rank=1, seed=0)
     x, y = next(iter(train))
     assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert train.num_images == 300 and test.num_images == 100 and len(test) == 2
+    assert train.num_images == 300 and val is None and test.num_images == 100 and len(test) == 2
+
+
+# --------------------------------------------------------------------------- train / validation split
+
+
+def test_validation_split_is_disjoint_class_stratified_and_seeded():
+    labels = torch.arange(20).repeat_interleave(50)[torch.randperm(1000, generator=torch.Generator().manual_seed(1))]
+    train, val = D.train_val_split(labels, 0.1, seed=7)
+    assert torch.equal(torch.cat([train, val]).sort().values, torch.arange(1000)), "together they cover the split"
+    assert not set(train.tolist()) & set(val.tolist())
+    assert labels[val].bincount(minlength=20).tolist() == [5] * 20, "10% of every class"
+    again, other = D.train_val_split(labels, 0.1, seed=7)[1], D.train_val_split(labels, 0.1, seed=8)[1]
+    assert torch.equal(val, again) and not torch.equal(val, other)
+    train0, val0 = D.train_val_split(labels, 0.0, seed=7)
+    assert val0.numel() == 0 and torch.equal(train0, torch.arange(1000))
+
+
+def test_a_validation_fraction_that_leaves_no_image_is_one_clear_error():
+    with pytest.raises(DataError, match="leaves no image for validation"):
+        D.train_val_split(torch.arange(20), 0.01, seed=0)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_no_rank_trains_on_a_validation_image(world_size):
+    cfg = dict(SHAPES_CFG, val_fraction=0.2)
+    all_x, all_y = D.load_arrays(cfg, train=True)
+    _, val_idx = D.train_val_split(all_y, 0.2, seed=cfg["seed"])
+    val_images = {bytes(all_x[i].numpy()) for i in val_idx.tolist()}
+    assert len(val_images) == val_idx.numel(), "generated images are distinct"
+    seen_val = []
+    for rank in range(world_size):
+        train, val, _ = D.build_loaders(cfg, batch_size=16, world_size=world_size, rank=rank, seed=0)
+        held = {bytes(x.numpy()) for x in train.images}
+        assert not held & val_images, "the training tensor holds no validation image"
+        for epoch in range(3):
+            train.set_epoch(epoch)
+            assert not set(train.dataset_indices[train.indices()].tolist()) & set(val_idx.tolist())
+        seen_val += val.dataset_indices[val.indices()].tolist()
+        assert torch.equal(val.labels, all_y[val.dataset_indices])
+    assert sorted(seen_val) == val_idx.tolist(), "the ranks' validation blocks cover it exactly once"
 
 
 # --------------------------------------------------------------------------- fabricated torchvision trees
@@ -174,7 +214,7 @@ def test_fabricated_cifar100_loads_through_torchvision(tmp_path, monkeypatch):
     assert torch.equal(images[0, 0].flatten(), torch.from_numpy(raw["data"][0, :1024]))
     assert labels.tolist() == raw["fine_labels"]
     cfg = dict(SHAPES_CFG, name="cifar100", root=str(tmp_path))
-    train, test = D.build_loaders(cfg, batch_size=8)
+    train, _, test = D.build_loaders(cfg, batch_size=8)
     assert test.num_images == 20 and next(iter(train))[0].shape == (8, 3, 32, 32)
 
 
@@ -211,13 +251,13 @@ def test_fabricated_places365_loads_through_torchvision(tmp_path, monkeypatch):
     monkeypatch.setattr(Places365, "_check_integrity", lambda self, file, md5, download: True)
     _fake_places365(tmp_path)
     cfg = dict(SHAPES_CFG, name="places365", root=str(tmp_path), image_size=32)
-    train, test = D.build_loaders(cfg, batch_size=2, world_size=2, rank=0)
+    train, _, test = D.build_loaders(cfg, batch_size=2, world_size=2, rank=0)
     xs, ys = zip(*list(train))
     assert len(xs) == 1 and xs[0].shape == (2, 3, 32, 32), "3 of 6 train images per rank, ragged tail dropped"
     assert test.num_images == 4
     seen = []
     for rank in range(2):
-        _, t = D.build_loaders(cfg, batch_size=4, world_size=2, rank=rank)
+        _, _, t = D.build_loaders(cfg, batch_size=4, world_size=2, rank=rank)
         seen += [y for _, yb in t for y in yb.tolist()]
     assert sorted(seen) == sorted([0, 1, 2, 0])
 

@@ -164,7 +164,9 @@ def _synthetic(accuracies, baseline, factors=(2, 3, 4)):
     """Counts over 10 images of one class: ``accuracies`` per (series, factor), in plan order."""
     plan = [Intervention("output", "divide", f, [0], "worst-1") for f in factors]
     correct = torch.tensor([[round(a * 10)] for a in accuracies])
-    return InterventionCounts("conv5_3", plan, correct, torch.tensor([10]), torch.tensor([round(baseline * 10)]))
+    base = torch.tensor([round(baseline * 10)])
+    lost = (base[None] - correct).clamp(min=0)  # fewest discordant images
+    return InterventionCounts("conv5_3", plan, correct, torch.tensor([10]), base, lost)
 
 
 def test_the_table_stops_after_the_first_factor_below_the_selection_baseline():

@@ -19,7 +19,11 @@ def test_quickstart_runs_end_to_end_and_leaves_every_run_in_mlflow(ray_cluster, 
     lines = []
     out = quickstart(ROOT / "configs" / "quickstart.yaml", overrides, echo=lines.append, quiet=True)
     text = "\n".join(lines)
-    assert "Table 2" in text and "| method | n | train acc | test acc |" in text
+    assert "Table 2" in text and "| method | n | train acc | val acc | test acc | Δ test acc vs baseline |" in text
+    best = out["sweep"].best
+    assert best is out["best"] and best["metrics"]["val/acc"] == max(
+        t["metrics"]["val/acc"] for t in out["sweep"].trials if t["error"] is None), "chosen on validation"
+    assert "chosen on val/acc" in text
     assert "baseline (none)" in text, "Table 1 is printed"
     c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = c.search_runs([c.get_experiment_by_name("qs").experiment_id])

@@ -44,7 +44,10 @@ def test_four_trial_optuna_sweep_logs_four_children_under_one_parent(ray_cluster
         assert sorted(m.step for m in history) == [0, 1]
     assert len(sampled) == 4, "Optuna drew different values for every trial"
     parent = c.get_run(result.parent_run_id)
-    assert parent.data.metrics["best/test_acc"] == max(t["metrics"]["test/acc"] for t in result.trials)
+    best = max(result.trials, key=lambda t: t["metrics"]["val/acc"])
+    assert parent.data.metrics["best/val_acc"] == best["metrics"]["val/acc"], "chosen on validation accuracy"
+    assert parent.data.metrics["best/test_acc"] == best["metrics"]["test/acc"], "its test accuracy is reported"
+    assert parent.data.tags["best_trial_id"] == best["trial_id"] and result.best is best
     figures = {a.path for a in c.list_artifacts(result.parent_run_id, "figures")}
     assert figures == {"figures/optimization_history.png", "figures/param_importances.png"}
     assert any(k.startswith("importance/") for k in parent.data.metrics)
@@ -131,6 +134,32 @@ def test_resume_after_killing_the_driver_reruns_nothing_and_duplicates_no_run(ra
             assert run.info.end_time == finished_ids[run.data.tags["trial_id"]], "finished trials were not re-run"
 
 
+def _trial(trial_id, val_acc, test_acc, val_loss=1.0, error=None):
+    return {"trial_id": trial_id, "error": error, "search": {},
+            "metrics": {"val/acc": val_acc, "val/loss": val_loss, "test/acc": test_acc}}
+
+
+def test_the_best_trial_is_chosen_on_validation_even_when_test_ranks_another_first():
+    from study.train import choose_best
+
+    trials = [_trial("a", 0.70, 0.90, val_loss=0.9), _trial("b", 0.80, 0.60, val_loss=0.5),
+              _trial("c", 0.75, 0.95, val_loss=0.4), _trial("d", 0.99, 0.99, error="boom")]
+    assert choose_best(trials, "val/acc", "max")["trial_id"] == "b", "highest val/acc, not highest test/acc"
+    assert choose_best(trials, "val/loss", "min")["trial_id"] == "c"
+    assert choose_best([t for t in trials if t["error"]], "val/acc", "max") is None, "a failed trial is never best"
+    with pytest.raises(ConfigError, match="validation metric"):
+        choose_best(trials, "test/acc", "max")
+
+
+def test_a_search_without_a_validation_split_is_refused_before_ray_starts(run_study, tmp_path):
+    out = run_study("sweep", "--config", str(QUICKSTART), "--set", "data.val_fraction=0", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: an Optuna search (sweep.space) chooses on the validation split, but data.val_fraction = 0 holds "
+        "none out; set data.val_fraction (e.g. 0.1), or run a grid with sweep.scheduler=fifo"]
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def sweep_config_overrides(tmp_path):
     return [
         "data.num_train=1500", "data.num_test=300", "model.width=0.125", "train.epochs=2", "train.t_max=2",
@@ -168,7 +197,7 @@ def test_summary_uses_the_space_the_trials_were_drawn_from_not_the_edited_config
     original = sweep_config(tmp_path, "sweep.space={regularization.dropout.rate: {type: uniform, low: 0, high: 0.5}}")
     edited = sweep_config(tmp_path, "sweep.space={regularization.dropout.rate: {type: uniform, low: 0, high: 0.3}}")
     trials = [
-        {"config": original.dump(), "error": None, "metrics": {"test/acc": acc},
+        {"config": original.dump(), "error": None, "metrics": {"val/acc": acc},
          "search": {"regularization.dropout.rate": rate}}
         for rate, acc in ((0.45, 0.2), (0.1, 0.3))
     ]

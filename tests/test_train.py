@@ -58,6 +58,8 @@ def test_two_worker_ddp_run_learns_well_above_chance(uninterrupted):
     assert trial["metrics"]["test/acc"] > 2.5 * chance
     assert trial["metrics"]["train/penalty"] > 0, "the penalty was computed and reported"
     assert trial["metrics"]["test/images"] == cfg.data.num_test, "test accuracy counts the whole test set"
+    held_out = round(cfg.data.val_fraction * cfg.data.num_train)
+    assert abs(trial["metrics"]["val/images"] - held_out) <= cfg.num_classes, "every validation image, on 2 ranks"
 
 
 def test_run_is_logged_as_parent_and_child_with_per_epoch_metrics_and_checkpoint(uninterrupted):
@@ -72,12 +74,15 @@ def test_run_is_logged_as_parent_and_child_with_per_epoch_metrics_and_checkpoint
     assert params["regularization.focused_dropout.par_rate"] == "0.25"
     assert params["regularization.gradient_penalty.lambda"] == "0.01"
     assert params["train.num_workers"] == "2"
-    for key in ("train/loss", "train/acc", "train/penalty", "test/loss", "test/acc", "time/epoch_s"):
+    for key in ("train/loss", "train/acc", "train/penalty", "val/loss", "val/acc", "test/loss", "test/acc",
+                "time/epoch_s"):
         history = client.get_metric_history(child.info.run_id, key)
         assert sorted(m.step for m in history) == list(range(EPOCHS)), key
     artifacts = [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")]
     assert artifacts == ["checkpoint/checkpoint.pt"]
     assert parent.data.metrics["best/test_acc"] == pytest.approx(trial["metrics"]["test/acc"])
+    assert parent.data.metrics["best/val_acc"] == pytest.approx(trial["metrics"]["val/acc"])
+    assert parent.data.tags["best_chosen_on"] == "val/acc"
 
 
 def test_checkpoint_holds_model_optimizer_scheduler_epoch_and_config(uninterrupted):

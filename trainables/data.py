@@ -15,6 +15,14 @@ that device per batch; each epoch draws one seeded permutation that every DDP
 rank slices into a disjoint shard of equal length (:class:`DeviceLoader`).
 Places365-sized data goes through a torch DataLoader with a DistributedSampler
 (:class:`SamplerLoader`).
+
+Splits and their roles (DESIGN.md "Data"): ``train`` fits the weights; ``val``
+(:func:`train_val_split`, ``data.val_fraction`` of the training split, seeded
+by ``data.seed`` and stratified by class) serves every choice (the sweep's
+objective and ASHA, the best trial, unit selection); ``test`` is reported and
+never chosen on. The training loader never sees a validation image, on any rank.
+For Places365, whose test labels are not public, ``val`` is carved from
+train-standard and the official val split plays ``test``.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import urllib.error
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -238,6 +246,45 @@ def load_arrays(data: Mapping[str, Any], train: bool) -> tuple[torch.Tensor, tor
     raise DataError(f"dataset '{name}' does not fit the in-memory loader; use build_loaders")
 
 
+# --------------------------------------------------------------------------- train / val split
+
+
+def train_val_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, val indices) of a training split with ``labels``: disjoint, sorted, covering it.
+
+    Class-stratified: each class c with n_c images gives ``round(val_fraction * n_c)``
+    of them, drawn by one generator seeded with ``seed`` (classes in order), to val.
+    ``val_fraction = 0`` gives an empty val split. The split depends on the labels,
+    the fraction and the seed only, so every trial, rank and analysis sees the same one.
+    """
+    labels = torch.as_tensor(labels).long().cpu()
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"data.val_fraction must lie in [0, 1), got {val_fraction}")
+    n = labels.numel()
+    if val_fraction == 0:
+        return torch.arange(n), torch.zeros(0, dtype=torch.long)
+    g = torch.Generator().manual_seed(int(seed))
+    picked = []
+    for c in labels.unique(sorted=True).tolist():
+        members = (labels == c).nonzero().flatten()
+        k = round(val_fraction * members.numel())
+        picked.append(members[torch.randperm(members.numel(), generator=g)[:k]])
+    val = torch.cat(picked).sort().values
+    if val.numel() == 0 or val.numel() == n:
+        raise DataError(
+            f"data.val_fraction = {val_fraction} of {n} training images leaves {'no' if not val.numel() else 'every'} "
+            "image for validation; change data.val_fraction or use more training images"
+        )
+    in_val = torch.zeros(n, dtype=torch.bool)
+    in_val[val] = True
+    return (~in_val).nonzero().flatten(), val
+
+
+def split_of(data: Mapping[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`train_val_split` with the data section's ``val_fraction`` and ``seed``."""
+    return train_val_split(labels, data.get("val_fraction", 0.0), data.get("seed", 0))
+
+
 # --------------------------------------------------------------------------- loaders
 
 
@@ -288,6 +335,8 @@ class DeviceLoader:
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
+        # Positions of these images in the split they were taken from (set by build_loaders).
+        self.dataset_indices = torch.arange(images.shape[0])
         self.batch_size, self.train, self.augment, self.pad = batch_size, train, augment and train, crop_padding
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
@@ -396,6 +445,15 @@ class SamplerLoader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+class Loaders(NamedTuple):
+    """One rank's loaders: ``train`` (shuffled, augmented shard), ``val`` (None when
+    ``data.val_fraction`` is 0) and ``test`` (each rank a disjoint block)."""
+
+    train: DeviceLoader | SamplerLoader
+    val: DeviceLoader | SamplerLoader | None
+    test: DeviceLoader | SamplerLoader
+
+
 def build_loaders(
     data: Mapping[str, Any],
     *,
@@ -404,33 +462,37 @@ def build_loaders(
     rank: int = 0,
     world_size: int = 1,
     seed: int = 0,
-) -> tuple[DeviceLoader | SamplerLoader, DeviceLoader | SamplerLoader]:
-    """(train, test) loaders for the data section ``data`` (a ``DataConfig`` dump).
+) -> Loaders:
+    """(train, val, test) loaders for the data section ``data`` (a ``DataConfig`` dump).
 
-    ``batch_size`` is per rank.
+    ``batch_size`` is per rank. Train and val come from the dataset's training
+    split by :func:`split_of`; the training loader holds only the train indices.
     """
     name = data["name"]
     if name == "places365":
-        loaders = []
-        for train in (True, False):
-            ds = places365_dataset(data["root"], train, data["download"], data["image_size"], data["augment"])
-            loaders.append(
-                SamplerLoader(
-                    ds,
-                    batch_size=batch_size,
-                    device=device,
-                    train=train,
-                    rank=rank,
-                    world_size=world_size,
-                    seed=seed,
-                    num_workers=data["loader_workers"],
-                )
-            )
-        return loaders[0], loaders[1]
+        from torch.utils.data import Subset
+
+        kw = dict(batch_size=batch_size, device=device, rank=rank, world_size=world_size, seed=seed,
+                  num_workers=data["loader_workers"])
+        fit = places365_dataset(data["root"], True, data["download"], data["image_size"], data["augment"])
+        train_idx, val_idx = split_of(data, torch.as_tensor(fit.targets))
+        val = None
+        if val_idx.numel():
+            plain = places365_dataset(data["root"], True, data["download"], data["image_size"], augment=False)
+            val = SamplerLoader(Subset(plain, val_idx.tolist()), train=False, **kw)
+        test = places365_dataset(data["root"], False, data["download"], data["image_size"], data["augment"])
+        return Loaders(SamplerLoader(Subset(fit, train_idx.tolist()), train=True, **kw), val,
+                       SamplerLoader(test, train=False, **kw))
     mean, std = MEAN_STD[name]
     common = dict(batch_size=batch_size, device=device, mean=mean, std=std, rank=rank, world_size=world_size, seed=seed)
     train_x, train_y = load_arrays(data, train=True)
     test_x, test_y = load_arrays(data, train=False)
-    train = DeviceLoader(train_x, train_y, train=True, augment=data["augment"], crop_padding=data["crop_padding"], **common)
-    test = DeviceLoader(test_x, test_y, train=False, **common)
-    return train, test
+    train_idx, val_idx = split_of(data, train_y)
+    train = DeviceLoader(train_x[train_idx], train_y[train_idx], train=True, augment=data["augment"],
+                         crop_padding=data["crop_padding"], **common)
+    train.dataset_indices = train_idx
+    val = None
+    if val_idx.numel():
+        val = DeviceLoader(train_x[val_idx], train_y[val_idx], train=False, **common)
+        val.dataset_indices = val_idx
+    return Loaders(train, val, DeviceLoader(test_x, test_y, train=False, **common))

@@ -2,8 +2,8 @@
 
 ``train_fn_per_worker(config)`` reads the plain ``StudyConfig.dump()`` dict in
 ``config["config"]`` and does, per epoch: one pass over this rank's shard with
-the configured regularizers, one evaluation of the whole test set (each rank a
-disjoint block; counts all-reduced), then ``ray.train.report(metrics,
+the configured regularizers, one evaluation of the whole validation and test
+sets (each rank a disjoint block; counts all-reduced), then ``ray.train.report(metrics,
 checkpoint)`` on every rank (rank 0 attaches the checkpoint).
 
 Resuming: ``ray.train.get_checkpoint()`` restores model, optimizer, scheduler and
@@ -16,7 +16,10 @@ continues exactly as the uninterrupted run would. The checkpoint records that
 scheme and the epoch, which together are the RNG state.
 
 Metric keys (DESIGN.md): ``train/loss``, ``train/acc``, ``train/penalty``,
-``test/loss``, ``test/acc``, ``time/epoch_s``, ``time/images_per_s``, ``lr``, ``epoch``.
+``val/loss``, ``val/acc`` (when ``data.val_fraction`` > 0), ``test/loss``,
+``test/acc``, ``time/epoch_s``, ``time/images_per_s``, ``lr``, ``epoch``.
+Choices (Tune's objective, ASHA, the best trial) read ``val/*``; ``test/*`` is
+reported only.
 
 The only Ray this module touches is ``ray.train``.
 """
@@ -101,7 +104,7 @@ def train_one_epoch(model, loader, optimizer, reg_cfg, autocast_dtype, scaler, d
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, autocast_dtype, device) -> torch.Tensor:
-    """Summed (cross-entropy, correct, images) of this rank's block of the test set."""
+    """Summed (cross-entropy, correct, images) of this rank's block of an evaluation set."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in loader:
@@ -151,7 +154,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     per_rank_batch = max(1, tcfg["batch_size"] // world_size)
-    train_loader, test_loader = build_loaders(
+    train_loader, val_loader, test_loader = build_loaders(
         cfg["data"], batch_size=per_rank_batch, device=device, rank=rank, world_size=world_size, seed=tcfg["seed"]
     )
     optimizer = torch.optim.SGD(
@@ -186,22 +189,24 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         train_s = time.perf_counter() - t0
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        test_sums = _all_reduce(evaluate(model, test_loader, autocast_dtype, device))
+        evals = {"val": val_loader, "test": test_loader} if val_loader is not None else {"test": test_loader}
+        eval_sums = {split: _all_reduce(evaluate(model, loader, autocast_dtype, device))
+                     for split, loader in evals.items()}
         epoch_s = time.perf_counter() - t0
         t_loss, t_correct, t_n, t_pen = train_sums.tolist()
-        e_loss, e_correct, e_n = test_sums.tolist()
         metrics = {
             "epoch": epoch,
             "train/loss": t_loss / max(t_n, 1),
             "train/acc": t_correct / max(t_n, 1),
             "train/penalty": t_pen / max(t_n, 1),
-            "test/loss": e_loss / max(e_n, 1),
-            "test/acc": e_correct / max(e_n, 1),
-            "test/images": e_n,
             "time/epoch_s": epoch_s,
             "time/images_per_s": t_n / max(train_s, 1e-9),
             "lr": lr,
         }
+        for split, sums in eval_sums.items():
+            e_loss, e_correct, e_n = sums.tolist()
+            metrics.update({f"{split}/loss": e_loss / max(e_n, 1), f"{split}/acc": e_correct / max(e_n, 1),
+                            f"{split}/images": e_n})
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
