@@ -79,6 +79,7 @@ class GradientPenaltyConfig(_Section):
     lam: float = Field(0.0, ge=0, alias="lambda")  # weight of the input-gradient penalty; 0 = off
     method: Literal["double_backprop", "finite_difference"] = "double_backprop"
     h: float = Field(0.01, gt=0, le=1)  # finite-difference step (finite_difference method only)
+    every: int = Field(1, ge=1)  # lazy regularization: the penalty on every k-th step, weighted k (1 = the paper)
 
 
 class RegularizationConfig(_Section):
@@ -95,6 +96,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0, le=1)
     t_max: int = Field(200, ge=1)  # CosineAnnealingLR period in epochs
     num_workers: int = Field(1, ge=1, le=1024)  # Ray Train workers (DDP ranks)
+    cpus_per_worker: int = Field(1, ge=1, le=256)  # CPUs each worker reserves; on CPU also its torch threads
     use_gpu: bool = False
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU, off on CPU
     sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
@@ -150,6 +152,7 @@ class DissectionConfig(_Section):
     iou_threshold: float = Field(0.04, ge=0, le=1)  # a unit is a detector at IoU >= this
     num_images: int = Field(1_000, ge=1)
     top_images: int = Field(5, ge=1)  # per unit in Figure 3
+    image_size: int | None = Field(None, ge=8, le=1024)  # shapes concepts: px of the dissection images (default data.image_size)
 
 
 class TrackingConfig(_Section):

@@ -8,6 +8,7 @@ raises one clear error.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -31,6 +32,11 @@ def init_ray(cfg: StudyConfig) -> None:
     kwargs = {"logging_level": "WARNING", "log_to_driver": cfg.ray.worker_logs}
     if cfg.ray.address is None:
         kwargs["num_cpus"] = cfg.ray.num_cpus
+        # A new local cluster turns token authentication on and says so on every start; keep it on, unsaid.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        # Tune + Train start a handful of worker processes per trial; the raylet warns when more than
+        # 4x this many are starting (default: the physical cores, 2 here) although nothing is wrong.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(4, cfg.ray.num_cpus or 0)))
     try:
         ray.init(address=cfg.ray.address, **kwargs)
     except ConnectionError as exc:
@@ -54,7 +60,8 @@ def storage_path(cfg: StudyConfig) -> str:
 
 
 def worker_resources(cfg: StudyConfig) -> dict[str, float]:
-    return {"CPU": 1.0, "GPU": 1.0} if cfg.train.use_gpu else {"CPU": 1.0}
+    cpus = float(cfg.train.cpus_per_worker)
+    return {"CPU": cpus, "GPU": 1.0} if cfg.train.use_gpu else {"CPU": cpus}
 
 
 def check_local_prerequisites(cfg: StudyConfig) -> None:
@@ -101,6 +108,7 @@ def check_cluster_fits(cfg: StudyConfig, trials_at_once: int = 1) -> None:
         )
     if need_cpu > have_cpu:
         raise ConfigError(
-            f"train.num_workers = {n} needs {need_cpu:g} CPUs ({n} workers + 1 for the trial) but the Ray cluster "
-            f"has {have_cpu:g}; lower train.num_workers or raise ray.num_cpus"
+            f"train.num_workers = {n} needs {need_cpu:g} CPUs ({n} workers x {per_worker['CPU']:g} + 1 for the trial) "
+            f"but the Ray cluster has {have_cpu:g}; lower train.num_workers or train.cpus_per_worker, or raise "
+            "ray.num_cpus"
         )

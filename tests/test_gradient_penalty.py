@@ -188,6 +188,36 @@ def test_batch_loss_at_lambda_zero_is_plain_cross_entropy_without_penalty():
     assert list(metrics) == ["ce"]
 
 
+@pytest.mark.parametrize("method", ["double_backprop", "finite_difference"])
+def test_lazy_penalty_is_k_times_lambda_on_every_kth_step_and_plain_cross_entropy_between(method):
+    model, (x, y) = small_net().eval(), batch()
+    ce, penalty = input_gradient_penalty(model, x, y, method)
+    lazy = _reg(LAM, method)
+    lazy["gradient_penalty"]["every"] = 4
+    for step in range(9):
+        loss, _, metrics = batch_loss(model, x, y, lazy, step=step)
+        if step % 4 == 0:
+            assert torch.allclose(loss, ce + 4 * LAM * penalty), step
+            assert "penalty" in metrics
+        else:
+            assert torch.equal(loss, F.cross_entropy(model(x), y)) and list(metrics) == ["ce"], step
+
+
+def test_an_epoch_penalises_the_steps_numbered_from_its_first_step(monkeypatch):
+    """train_one_epoch's 5th sum counts penalised images: steps 0, 4, 8 of 0..9; 12, 16 of 10..19."""
+    from trainables.loop import train_one_epoch
+
+    model = small_net().float()
+    xb, yb = batch(b=20)
+    loader = [(xb[i : i + 2].float(), yb[i : i + 2]) for i in range(0, 20, 2)]  # 10 steps of 2 images
+    reg = _reg(LAM)
+    reg["gradient_penalty"]["every"] = 4
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cpu = torch.device("cpu")
+    assert train_one_epoch(model, loader, opt, reg, None, None, cpu, first_step=0)[4].item() == 3 * 2
+    assert train_one_epoch(model, loader, opt, reg, None, None, cpu, first_step=10)[4].item() == 2 * 2
+
+
 def test_bad_penalty_settings_raise_config_error():
     model, (x, y) = small_net(), batch()
     with pytest.raises(ConfigError, match="method"):

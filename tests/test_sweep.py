@@ -163,6 +163,7 @@ def test_a_search_without_a_validation_split_is_refused_before_ray_starts(run_st
 def sweep_config_overrides(tmp_path):
     return [
         "data.num_train=1500", "data.num_test=300", "model.width=0.125", "train.epochs=2", "train.t_max=2",
+        "train.cpus_per_worker=1", "sweep.grace_period=1",
         "train.batch_size=64", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=sweeptest",
         f"ray.storage_path={tmp_path}/ray",
     ]

@@ -26,6 +26,7 @@ def small_config(tmp_path, *extra):
             f"train.epochs={EPOCHS}",
             f"train.t_max={EPOCHS}",
             "train.num_workers=2",
+            "train.cpus_per_worker=1",
             "train.batch_size=64",
             "train.lr=0.05",
             "regularization.focused_dropout.par_rate=0.25",

@@ -78,13 +78,18 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def train_one_epoch(model, loader, optimizer, reg_cfg, autocast_dtype, scaler, device) -> torch.Tensor:
-    """One pass over ``loader``; returns summed (loss, correct, images, penalty) on ``device``."""
+def train_one_epoch(model, loader, optimizer, reg_cfg, autocast_dtype, scaler, device, first_step: int = 0
+                    ) -> torch.Tensor:
+    """One pass over ``loader``; returns summed (loss, correct, images, penalty x images, penalised images).
+
+    ``first_step`` numbers this epoch's first optimizer step (``epoch * len(loader)``),
+    which decides the lazy penalty's steps identically on every rank.
+    """
     model.train()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    for x, y in loader:
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    for i, (x, y) in enumerate(loader):
         with _autocast(device, autocast_dtype):
-            loss, logits, logs = batch_loss(model, _device_batch(x, device), y, reg_cfg)
+            loss, logits, logs = batch_loss(model, _device_batch(x, device), y, reg_cfg, step=first_step + i)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -95,9 +100,11 @@ def train_one_epoch(model, loader, optimizer, reg_cfg, autocast_dtype, scaler, d
             optimizer.step()
         n = y.shape[0]
         correct = (logits.detach().argmax(1) == y).sum()
+        penalised = "penalty" in logs
         sums += torch.stack(
             [loss.detach().double() * n, correct.double(), torch.tensor(float(n), device=device),
-             torch.tensor(logs.get("penalty", 0.0) * n, dtype=torch.float64, device=device)]
+             torch.tensor(logs.get("penalty", 0.0) * n, dtype=torch.float64, device=device),
+             torch.tensor(float(n if penalised else 0), device=device)]
         )
     return sums
 
@@ -144,6 +151,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if isinstance(device, list):
         device = device[0]
+    if device.type == "cpu":  # the worker reserved train.cpus_per_worker CPUs: use them, no more
+        torch.set_num_threads(int(tcfg.get("cpus_per_worker", 1)))
     autocast_dtype = amp_dtype(tcfg["amp"], device)
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
 
@@ -183,7 +192,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
         t0 = time.perf_counter()
         train_sums = _all_reduce(train_one_epoch(model, train_loader, optimizer, cfg["regularization"],
-                                                 autocast_dtype, scaler, device))
+                                                 autocast_dtype, scaler, device, epoch * len(train_loader)))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_s = time.perf_counter() - t0
@@ -193,12 +202,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         eval_sums = {split: _all_reduce(evaluate(model, loader, autocast_dtype, device))
                      for split, loader in evals.items()}
         epoch_s = time.perf_counter() - t0
-        t_loss, t_correct, t_n, t_pen = train_sums.tolist()
+        t_loss, t_correct, t_n, t_pen, t_pen_n = train_sums.tolist()
         metrics = {
             "epoch": epoch,
             "train/loss": t_loss / max(t_n, 1),
             "train/acc": t_correct / max(t_n, 1),
-            "train/penalty": t_pen / max(t_n, 1),
+            "train/penalty": t_pen / max(t_pen_n, 1),  # over the steps that computed it
             "time/epoch_s": epoch_s,
             "time/images_per_s": t_n / max(train_s, 1e-9),
             "lr": lr,

@@ -55,27 +55,33 @@ def build_model(cfg: Mapping[str, Any], num_classes: int | None = None) -> nn.Se
 
 
 def batch_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, reg_cfg: Mapping[str, Any]
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, reg_cfg: Mapping[str, Any], step: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """``(loss, logits, metrics)`` of one training batch.
 
     ``x`` is ``(B, C, H, W)``, ``y`` is ``(B,)``; ``reg_cfg`` is the
     ``regularization`` section. ``loss = ce + lambda * penalty`` (batch means;
     see :mod:`trainables.gradient_penalty`), with the penalty's forward skipped
-    when lambda is 0. ``metrics`` holds ``"ce"`` and, when computed,
-    ``"penalty"`` as floats (one device sync).
+    when lambda is 0. Lazy regularization (StyleGAN2's R1 schedule): with
+    ``gradient_penalty.every = k`` the penalty term is computed on the steps
+    where ``step % k == 0`` only, weighted ``k * lambda`` so its expected
+    gradient is unchanged; ``step`` (the optimizer step since training began)
+    is the same on every DDP rank, so the ranks agree. ``metrics`` holds
+    ``"ce"`` and, when computed, ``"penalty"`` as floats (one device sync).
     """
     gp = reg_cfg["gradient_penalty"]
-    lam, method, h = float(gp["lambda"]), gp["method"], float(gp["h"])
+    lam, method, h, every = float(gp["lambda"]), gp["method"], float(gp["h"]), int(gp.get("every", 1))
     if lam < 0:
         raise ConfigError(f"regularization.gradient_penalty.lambda = {lam} must be >= 0")
     if method not in METHODS:
         raise ConfigError(f"unknown gradient-penalty method '{method}'; choose one of {', '.join(METHODS)}")
-    if lam == 0:
+    if every < 1:
+        raise ConfigError(f"regularization.gradient_penalty.every = {every} must be >= 1")
+    if lam == 0 or step % every:
         logits = model(x)  # (B, K)
         ce = F.cross_entropy(logits, y)
         return ce, logits, {"ce": ce.item()}
     logits, ce, penalty = penalized_forward(model, x, y, method, h)
-    loss = ce + lam * penalty
+    loss = ce + every * lam * penalty
     ce_value, penalty_value = torch.stack([ce.detach().float(), penalty.detach().float()]).tolist()
     return loss, logits, {"ce": ce_value, "penalty": penalty_value}
