@@ -42,6 +42,7 @@ category; a detector when IoU >= ``iou_threshold`` (paper 0.04).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Iterable, Sequence
@@ -225,6 +226,7 @@ class ConceptCounts:
         intersection: (U, K) int64 positions with ``a_u > t_u`` and concept c.
         unit_area: (U,) int64 positions with ``a_u > t_u``.
         concept_area: (K,) int64 positions with concept c.
+        positions: all positions counted (images x mask pixels).
     """
 
     layer: str
@@ -232,6 +234,7 @@ class ConceptCounts:
     intersection: torch.Tensor
     unit_area: torch.Tensor
     concept_area: torch.Tensor
+    positions: int
 
     def __add__(self, other: ConceptCounts) -> ConceptCounts:
         if self.layer != other.layer or self.intersection.shape != other.intersection.shape:
@@ -239,7 +242,21 @@ class ConceptCounts:
         if not torch.equal(self.thresholds, other.thresholds):
             raise ConfigError("cannot merge concept counts computed with different thresholds")
         return ConceptCounts(self.layer, self.thresholds, self.intersection + other.intersection,
-                             self.unit_area + other.unit_area, self.concept_area + other.concept_area)
+                             self.unit_area + other.unit_area, self.concept_area + other.concept_area,
+                             self.positions + other.positions)
+
+    @property
+    def iou_ceiling(self) -> torch.Tensor:
+        """(U, K) the largest IoU unit u could reach with concept c given the two areas alone.
+
+        ``min(A_u, C_c) / max(A_u, C_c)`` with A_u the unit's area and C_c the concept's
+        (IoU is at most the smaller over the larger); with A_u = q N this is the
+        ``min(q, share) / max(q, share)`` of a concept covering ``share`` of all positions.
+        """
+        a = self.unit_area.double()[:, None]
+        c = self.concept_area.double()[None, :]
+        big = torch.maximum(a, c)
+        return torch.where(big > 0, torch.minimum(a, c) / big.clamp_min(1), 0.0)
 
     @property
     def iou(self) -> torch.Tensor:
@@ -250,11 +267,12 @@ class ConceptCounts:
 
     def state_dict(self) -> dict:
         return {"layer": self.layer, "thresholds": self.thresholds, "intersection": self.intersection,
-                "unit_area": self.unit_area, "concept_area": self.concept_area}
+                "unit_area": self.unit_area, "concept_area": self.concept_area, "positions": self.positions}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> ConceptCounts:
-        return cls(d["layer"], d["thresholds"], d["intersection"], d["unit_area"], d["concept_area"])
+        return cls(d["layer"], d["thresholds"], d["intersection"], d["unit_area"], d["concept_area"],
+                   int(d["positions"]))
 
 
 # --------------------------------------------------------------------------- activations
@@ -444,7 +462,8 @@ def iou_pass(
     unit_area = torch.zeros(U, dtype=torch.long, device=device)
     concept_area = torch.zeros(K + 1, dtype=torch.long, device=device)
     lookup = torch.zeros(K + 1, dtype=torch.long, device=device)
-    ctx = eval_mode(work) if work is not None else _null()
+    positions = 0
+    ctx = eval_mode(work) if work is not None else contextlib.nullcontext()
     with ctx, torch.no_grad():
         for a, labels in _batch_acts(work, layer, batches, acts, device):
             if a.shape[1] != U:
@@ -453,6 +472,7 @@ def iou_pass(
                 raise DataError(f"label maps hold concept ids outside 0..{K}")
             size = tuple(labels.shape[-2:])
             b_all, L, p = labels.shape[0], labels.shape[1], size[0] * size[1]
+            positions += b_all * p
             present = labels.unique()
             present = present[present > 0]  # (Kp,) ids in this batch
             kp = present.numel()
@@ -473,22 +493,16 @@ def iou_pass(
                 unit_area += prod[:, 0]
                 inter[:, present] += prod[:, 1:]
     return ConceptCounts(layer, thresholds.cpu().float(), inter[:, 1:].cpu(), unit_area.cpu(),
-                         concept_area[1:].cpu())
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+                         concept_area[1:].cpu(), positions)
 
 
 # --------------------------------------------------------------------------- labels
 
 
 def label_units(counts: ConceptCounts, concepts: ConceptSet, iou_threshold: float = 0.04) -> pd.DataFrame:
-    """One row per unit: unit, label (best concept), category, iou, threshold, detector (iou >= cutoff).
+    """One row per unit: unit, label (best concept), category, iou, threshold, detector (iou >= cutoff),
+    concept_share (the label's share of all positions), ceiling (the label's :attr:`ConceptCounts.iou_ceiling`)
+    and iou_to_ceiling (iou / ceiling: near 1 means the areas, not the unit, bound the IoU).
 
     Ties between concepts go to the lower id. A unit that never fires gets IoU 0
     and the first concept; it is never a detector unless the cutoff is 0.
@@ -497,6 +511,8 @@ def label_units(counts: ConceptCounts, concepts: ConceptSet, iou_threshold: floa
         raise ConfigError(f"counts for {counts.intersection.shape[1]} concepts but {len(concepts)} concept names")
     iou = counts.iou
     best_iou, best = iou.max(1)
+    ceiling = counts.iou_ceiling.gather(1, best[:, None])[:, 0]
+    share = counts.concept_area.double()[best] / max(counts.positions, 1)
     return pd.DataFrame({
         "unit": range(iou.shape[0]),
         "label": [concepts.names[i] for i in best.tolist()],
@@ -504,6 +520,9 @@ def label_units(counts: ConceptCounts, concepts: ConceptSet, iou_threshold: floa
         "iou": best_iou.numpy(),
         "threshold": counts.thresholds.double().numpy(),
         "detector": (best_iou >= iou_threshold).numpy(),
+        "concept_share": share.numpy(),
+        "ceiling": ceiling.numpy(),
+        "iou_to_ceiling": torch.where(ceiling > 0, best_iou / ceiling.clamp_min(1e-12), 0.0).numpy(),
     })
 
 

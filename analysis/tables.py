@@ -8,7 +8,10 @@ column (or hold NaN there); their val accuracy reads "-".
 Method of a run: the ``method`` tag when a grid set one (``configs/table2.yaml``),
 otherwise read off its params: ``dropout`` (regularization.dropout.rate > 0),
 ``focused_dropout`` (par_rate > 0), ``input_gradient`` (lambda > 0), joined with
-``+`` when several are on, ``baseline`` when none is.
+``+`` when several are on, ``baseline`` when none is. A row pools the runs of one
+method AND one setting of its values (:func:`setting_of`), i.e. repeats over
+seeds; a search's trials, which differ in their values, each get their own row,
+labelled with the values when the method has several.
 
 Accuracy columns: mean +- the 95% Student t half-width over the runs (seeds) of
 one method (:func:`analysis.stats.paired_t_interval` applied to the values); no
@@ -35,6 +38,7 @@ METHOD_PARAMS = (
     ("focused_dropout", "params.regularization.focused_dropout.par_rate"),
     ("input_gradient", "params.regularization.gradient_penalty.lambda"),
 )
+SHORT = {"dropout": "dropout", "focused_dropout": "par_rate", "input_gradient": "lambda"}
 BASELINE = "baseline"
 SEED = "params.train.seed"
 ACCURACIES = (("train_acc", "metrics.train/acc"), ("val_acc", "metrics.val/acc"), ("test_acc", "metrics.test/acc"))
@@ -54,6 +58,13 @@ def method_of(row: pd.Series) -> str:
         return tag
     on = [name for name, col in METHOD_PARAMS if float(row.get(col, 0) or 0) > 0]
     return "+".join(on) if on else BASELINE
+
+
+def setting_of(row: pd.Series) -> str:
+    """The regularizer values of a run, e.g. ``dropout 0.05, par_rate 0.12``: runs that share it (and
+    differ in ``train.seed`` only) are repeats of one setting; runs that do not are never pooled."""
+    values = [(name, float(row.get(col, 0) or 0)) for name, col in METHOD_PARAMS]
+    return ", ".join(f"{SHORT[name]} {v:.3g}" for name, v in values if v > 0) or "none"
 
 
 def mean_ci(values: pd.Series, confidence: float = 0.95) -> tuple[float, float, int]:
@@ -98,9 +109,14 @@ def table2(runs: pd.DataFrame) -> pd.DataFrame:
     count (fractions); the paired test-accuracy difference from the baseline, its half-width and pairs."""
     if runs.empty:
         return pd.DataFrame(columns=COLUMNS)
-    runs = runs.assign(method=runs.apply(method_of, axis=1))
+    runs = runs.assign(method=runs.apply(method_of, axis=1), setting=runs.apply(setting_of, axis=1))
     baseline = runs[runs["method"] == BASELINE] if (runs["method"] == BASELINE).any() else None
-    table = pd.DataFrame([_row(method, group, baseline) for method, group in runs.groupby("method", sort=False)])
+    several = runs.groupby("method")["setting"].nunique()
+    rows = []
+    for (method, setting), group in runs.groupby(["method", "setting"], sort=False):
+        label = f"{method} ({setting})" if several[method] > 1 else method
+        rows.append(_row(label, group, baseline if method != BASELINE else None))
+    table = pd.DataFrame(rows)
     order = {BASELINE: 0}
     return table.sort_values(by="method", key=lambda s: s.map(lambda m: (order.get(m, 1), m))).reset_index(drop=True)
 

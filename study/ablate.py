@@ -666,13 +666,14 @@ def log_run(
     metrics: dict[str, float],
     params: dict[str, Any],
     files: Sequence[Path],
+    tags: dict[str, str] | None = None,
 ) -> str:
     """One finished MLflow run with ``files`` as artifacts, linked to the checkpoint's run and its study."""
     from mlflow.entities import Metric, Param, RunTag
 
     c = client(cfg)
     tags = {"kind": kind, "checkpoint": source.ref, "checkpoint_sha256": source.fingerprint,
-            "git_commit": git_commit(), "command": " ".join(sys.argv)}
+            "git_commit": git_commit(), "command": " ".join(sys.argv), **(tags or {})}
     if source.run_id:
         tags["source_run_id"] = source.run_id
     if source.parent_run_id:

@@ -222,11 +222,30 @@ def dissect_cmd(
     typer.echo(f"see the run: {ui_hint(result.cfg)}")
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for the kit's own lines: no INFO chatter or notices a user cannot act on.
+
+    MLflow's database-setup INFO lines and artifact download bars, Optuna's
+    "new study created" line and its experimental-API warning. Warnings and
+    errors of every library still show.
+    """
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    for name in ("mlflow", "alembic", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*is experimental \(supported from")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: user errors become one line on stderr and exit 2.
 
     Usage errors (unknown option, missing argument) are click's and also exit 2.
     """
+    quiet_libraries()
     try:
         app(args=argv, prog_name="study")  # standalone: exits via SystemExit
     except UnitstudyError as exc:

@@ -31,6 +31,7 @@ dissection section has no fields of its own for them.
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -55,6 +56,30 @@ from trainables.errors import ConfigError, UnitstudyError
 __all__ = ["DissectionResult", "dissect", "dissection_summary", "run_dissection"]
 
 _MIN_SHARD_IMAGES = 64
+# Below this map side a unit's thresholded region cannot follow a concept's outline: the paper's
+# conv5_3 is 14x14 at 224 px (NetDissect-Lite), a 32 px CIFAR image gives it 2x2.
+MIN_MAP_SIDE = 7
+
+
+def map_size(model, layer: str, data, cfg: StudyConfig) -> tuple[int, int]:
+    """(h, w) of ``layer``'s activation map on the dissection images (one image through the trunk, on the CPU)."""
+    from analysis.dissection import concept_batches, layer_acts
+    from trainables.data import MEAN_STD
+
+    ((x, _),) = concept_batches(data, [0], batch_size=1, mean_std=MEAN_STD[cfg.data.name])
+    with torch.no_grad():
+        return tuple(layer_acts(model, layer, x).shape[-2:])
+
+
+def coarse_map_warning(layer: str, size: tuple[int, int], image_side: int) -> str | None:
+    """One line with what to do when ``layer``'s map is too coarse to segment anything, else None."""
+    if min(size) >= MIN_MAP_SIDE:
+        return None
+    scale = image_side / min(size)
+    need = int(math.ceil(MIN_MAP_SIDE * scale))
+    return (f"warning: {layer}'s map is {size[0]}x{size[1]} on {image_side} px images, too coarse to segment "
+            f"concepts (under {MIN_MAP_SIDE}x{MIN_MAP_SIDE}); dissect larger images "
+            f"(--set dissection.image_size={need}) or a shallower layer (--layer conv4_3)")
 
 
 # --------------------------------------------------------------------------- concept data
@@ -66,7 +91,7 @@ def concept_data(cfg: StudyConfig):
     if d.concepts == "shapes":
         from analysis.dissection import ShapesConcepts
 
-        size = cfg.data.image_size if cfg.data.name == "shapes" else 32
+        size = d.image_size or (cfg.data.image_size if cfg.data.name == "shapes" else 32)
         return ShapesConcepts.generate(d.num_images, size, cfg.data.seed + 2)
     if d.broden_root is None:
         raise ConfigError("dissection.concepts = broden needs dissection.broden_root (a Broden-format directory)")
@@ -165,20 +190,25 @@ def _figure1(units: pd.DataFrame, cfg: StudyConfig, out_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     det = units[units["detector"]]
+    near = det["iou_to_ceiling"] >= 0.8
     cats = list(dict.fromkeys(units["category"]))
     colours = {c: plt.cm.tab10(i % 10) for i, c in enumerate(cats)}
     per_cat = det["category"].value_counts().reindex(cats, fill_value=0)
     per_concept = det.groupby(["category", "label"]).size().sort_values(ascending=False)
+    near_concept = det[near].groupby(["category", "label"]).size().reindex(per_concept.index, fill_value=0)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 3]})
     a.bar(range(len(cats)), per_cat.to_numpy(), color=[colours[c] for c in cats])
     a.set_xticks(range(len(cats)), cats, rotation=30)
     a.set_ylabel("detector units")
     a.set_title(f"{cfg.dissection.layer}: {len(det)}/{len(units)} detectors")
     if len(per_concept):
-        b.bar(range(len(per_concept)), per_concept.to_numpy(),
-              color=[colours[c] for c, _ in per_concept.index])
-        b.set_xticks(range(len(per_concept)), [lbl for _, lbl in per_concept.index], rotation=60, ha="right",
-                     fontsize=7)
+        x = range(len(per_concept))
+        b.bar(x, per_concept.to_numpy(), color=[colours[c] for c, _ in per_concept.index])
+        b.bar(x, near_concept.to_numpy(), color="none", edgecolor="black", hatch="///", linewidth=0,
+              label="IoU >= 0.8 x its ceiling (bounded by the areas, not the unit)")
+        b.set_xticks(x, [lbl for _, lbl in per_concept.index], rotation=60, ha="right", fontsize=7)
+        if near.any():
+            b.legend(fontsize=7, loc="upper right")
     else:
         b.text(0.5, 0.5, "no detector units", ha="center", va="center", transform=b.transAxes)
     b.set_ylabel("detector units")
@@ -219,8 +249,9 @@ def _figure3(model, units: pd.DataFrame, top: TopActivations, data, cfg: StudyCo
                 ax.contour(on[col].astype(float), levels=[0.5], colors="yellow", linewidths=1.2)
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[row, 0].set_ylabel(f"unit {u}\n{r['label']}\nIoU {r['iou']:.2f}", fontsize=7)
-    fig.suptitle(f"{cfg.dissection.layer}: top-activating images, region a_u > t_u outlined", fontsize=9)
+        axes[row, 0].set_ylabel(f"unit {u}\n{r['label']}\nIoU {r['iou']:.2f} / {r['ceiling']:.2f}", fontsize=7)
+    fig.suptitle(f"{cfg.dissection.layer}: top-activating images, region a_u > t_u outlined "
+                 "(row label: concept, IoU / its ceiling)", fontsize=9)
     fig.tight_layout()
     path = out_dir / "figure3_top_images.png"
     fig.savefig(path, dpi=120)
@@ -242,6 +273,8 @@ class DissectionResult:
     source: Source
     num_tasks: int
     cfg: StudyConfig
+    map_size: tuple[int, int]
+    warning: str | None  # the coarse-map line, when the layer's map is under MIN_MAP_SIDE
 
 
 def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int | None = None,
@@ -254,6 +287,8 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     num_units(model, d.layer)  # a wrong layer name fails here, listing the valid ones, before Ray starts
     data = concept_data(cfg)
     n = data.num_images
+    layer_map = map_size(model, d.layer, data, cfg)
+    warning = coarse_map_warning(d.layer, layer_map, int(data.load([0])[0].shape[-1]))
     total = n * data.mask_size[0] * data.mask_size[1]
     init_ray(cfg)
     gpus, slots = task_resources(cfg)
@@ -293,9 +328,13 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
                "dissection/max_iou": float(units["iou"].max())}
     for cat in data.concepts.category_names():
         metrics[f"dissection/detectors_{cat}"] = float((det["category"] == cat).sum())
+    metrics["dissection/detectors_near_ceiling"] = float((det["iou_to_ceiling"] >= 0.8).sum())
     run_id = log_run(cfg, source, kind="dissection", name=f"dissection-{d.layer}-{source.name}", metrics=metrics,
-                     params={"dissection.images": n, "dissection.tasks": 2 * len(shards)}, files=files)
-    return DissectionResult(units, top, counts, out_dir, files, run_id, source, 2 * len(shards), cfg)
+                     params={"dissection.images": n, "dissection.tasks": 2 * len(shards),
+                             "dissection.map_size": f"{layer_map[0]}x{layer_map[1]}"},
+                     files=files, tags={"coarse_map": warning} if warning else None)
+    return DissectionResult(units, top, counts, out_dir, files, run_id, source, 2 * len(shards), cfg, layer_map,
+                            warning)
 
 
 def run_dissection(
@@ -324,11 +363,15 @@ def dissection_summary(result: DissectionResult, n: int = 8) -> list[str]:
     per_cat = ", ".join(f"{c} {k}" for c, k in det["category"].value_counts().items()) or "none"
     best = u.sort_values("iou", ascending=False).head(n)
     src = f", source run {result.source.run_id}" if result.source.run_id else ""
-    return [
-        f"{result.cfg.dissection.layer}: {len(u)} units dissected on {result.top.image_max.shape[0]} "
-        f"{result.cfg.dissection.concepts} images in {result.num_tasks} tasks; "
-        f"{len(det)} detectors (IoU >= {result.cfg.dissection.iou_threshold:g}): {per_cat}",
-        "best units: " + ", ".join(f"{int(r.unit)} {r.label} ({r.category}) {r.iou:.3f}" for r in best.itertuples()),
+    d = result.cfg.dissection
+    near = int((det["iou_to_ceiling"] >= 0.8).sum())
+    return [*([result.warning] if result.warning else []),
+        f"{d.layer}: {len(u)} units dissected on {result.top.image_max.shape[0]} {d.concepts} images "
+        f"({d.layer} map {result.map_size[0]}x{result.map_size[1]}) in {result.num_tasks} tasks; "
+        f"{len(det)} detectors (IoU >= {d.iou_threshold:g}, q = {d.quantile:g}): {per_cat}; "
+        f"{near} of them within 0.8 of their IoU ceiling",
+        "best units (IoU / ceiling): " + ", ".join(
+            f"{int(r.unit)} {r.label} ({r.category}) {r.iou:.3f}/{r.ceiling:.2f}" for r in best.itertuples()),
         f"outputs: {result.out_dir}/ ({', '.join(f.name for f in result.files)})",
         f"MLflow run {result.run_id} (kind=dissection{src})",
     ]

@@ -55,7 +55,9 @@ def quickstart(
     for line in intervention_summary(intervened):
         echo(line)
 
-    echo(f"== 4/5 network dissection of {cfg.dissection.layer} on {cfg.dissection.num_images} shapes images")
+    size = cfg.dissection.image_size or cfg.data.image_size
+    echo(f"== 4/5 network dissection of {cfg.dissection.layer} on {cfg.dissection.num_images} shapes images "
+         f"of {size} px")
     dissected = run_dissection(best["run_id"], config_path, overrides, quiet=quiet)
     for line in dissection_summary(dissected):
         echo(line)

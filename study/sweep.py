@@ -81,8 +81,10 @@ def tune_config(cfg: StudyConfig):
         )
     search_alg = None
     if cfg.sweep.space:
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
         search_alg = OptunaSearch(seed=cfg.sweep.seed)  # metric and mode come from TuneConfig
     has_val = cfg.data.val_fraction > 0
     return tune.TuneConfig(

@@ -156,6 +156,28 @@ def test_iou_equals_brute_force_numpy():
     assert np.array_equal(counts.unit_area.numpy(), area_u)
     assert np.array_equal(counts.concept_area.numpy(), area_c)
     np.testing.assert_allclose(counts.iou.numpy(), iou, rtol=1e-12)
+    assert counts.positions == n
+    # the ceiling: IoU can be no larger than the smaller area over the larger
+    ceiling = np.minimum(area_u[:, None], area_c[None]) / np.maximum(np.maximum(area_u[:, None], area_c[None]), 1)
+    np.testing.assert_allclose(counts.iou_ceiling.numpy(), ceiling, rtol=1e-12)
+    assert (counts.iou <= counts.iou_ceiling + 1e-12).all()
+    from analysis.dissection import ConceptSet
+
+    units = label_units(counts, ConceptSet(tuple(f"c{i}" for i in range(1, k + 1)), ("cat",) * k), 0.04)
+    best = iou.argmax(1)
+    rows = np.arange(len(best))
+    np.testing.assert_allclose(units["ceiling"], ceiling[rows, best], rtol=1e-12)
+    np.testing.assert_allclose(units["concept_share"], area_c[best] / n, rtol=1e-12)
+    np.testing.assert_allclose(units["iou_to_ceiling"], iou[rows, best] / ceiling[rows, best], rtol=1e-9)
+
+
+def test_a_layer_map_under_7x7_gets_one_line_saying_what_to_do():
+    from study.dissect import coarse_map_warning
+
+    line = coarse_map_warning("conv5_3", (2, 2), 32)
+    assert line.startswith("warning: conv5_3's map is 2x2 on 32 px images, too coarse")
+    assert "dissection.image_size=112" in line and "--layer conv4_3" in line and "\n" not in line
+    assert coarse_map_warning("conv5_3", (7, 7), 112) is None
 
 
 def test_sharded_result_equals_single_process():
@@ -284,5 +306,6 @@ def test_broden_batches_run_through_dissection(tmp_path):
     batches = concept_batches(data, range(3), batch_size=2, mean_std=MEAN_STD["places365"])
     model = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 2, 3, stride=2, padding=1), relu=nn.ReLU()))
     result = dissect(model, "conv", batches, data.concepts, device="cpu", quantile=0.1)
-    assert list(result.units.columns) == ["unit", "label", "category", "iou", "threshold", "detector"]
+    assert list(result.units.columns) == ["unit", "label", "category", "iou", "threshold", "detector",
+                                              "concept_share", "ceiling", "iou_to_ceiling"]
     assert result.counts.concept_area.tolist() == [4 + 8 + 12, 3, 2 * 16, 16]

@@ -35,5 +35,6 @@ def test_quickstart_runs_end_to_end_and_leaves_every_run_in_mlflow(ray_cluster, 
     assert all(r.data.tags.get("source_run_id") == out["best"]["run_id"] for r in runs if r.data.tags.get("kind"))
     assert {a.path for a in c.list_artifacts(parent, "report")} >= {"report/table2.md", "report/table2.csv"}
     dissection = next(r for r in runs if r.data.tags.get("kind") == "dissection")
+    assert dissection.data.params["dissection.map_size"] == "7x7" and "coarse_map" not in dissection.data.tags
     assert {"units.csv", "figure1_detectors.png", "figure3_top_images.png"} <= {
         a.path for a in c.list_artifacts(dissection.info.run_id)}

@@ -185,3 +185,15 @@ def test_accuracy_title_claims_an_interval_only_when_some_method_has_two_runs(gr
     assert accuracy_title(table2(grid_runs)) == title
     singles = grid_runs[grid_runs["params.train.seed"] == "1"]
     assert accuracy_title(table2(singles)) == "Test accuracy per method\n(single runs, no interval)"
+
+
+def test_a_search_s_trials_with_different_values_are_never_pooled_into_one_interval():
+    """Optuna trials of one method differ in their values, not their seed: each is its own row, n = 1."""
+    rate = "params.regularization.dropout.rate"
+    runs = pd.DataFrame([_run({rate: "0.05"}, "0", 0.60), _run({rate: "0.1"}, "0", 0.90),
+                         _run({rate: "0.1"}, "1", 0.88)])
+    t = table2(runs).set_index("method")
+    assert list(t.index) == ["dropout (dropout 0.05)", "dropout (dropout 0.1)"]
+    assert t.loc["dropout (dropout 0.05)", "n"] == 1 and math.isnan(t.loc["dropout (dropout 0.05)", "test_acc_ci"])
+    assert t.loc["dropout (dropout 0.1)", "n"] == 2, "two seeds of one setting are pooled"
+    assert t.loc["dropout (dropout 0.1)", "test_acc"] == pytest.approx(0.89)
