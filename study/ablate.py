@@ -55,7 +55,7 @@ from analysis.ablation import (
 )
 from analysis.hooks import check_units
 from study.config import StudyConfig, apply_overrides, read_yaml, validate
-from study.runtime import init_ray
+from study.runtime import init_ray, with_absolute_paths
 from study.tracking import PARENT_TAG, client, experiment_id, flatten, git_commit
 from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.errors import CheckpointError, ConfigError, UnitstudyError
@@ -72,6 +72,7 @@ __all__ = [
     "validation_split",
     "study_config",
     "report_split",
+    "task_options",
 ]
 
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
@@ -427,6 +428,18 @@ def _plan(parts_dir: Path | None, identity: dict, make: Callable[[], dict]) -> d
     return grid
 
 
+def task_options(gpus: float, max_retries: int) -> dict[str, Any]:
+    """Ray ``.options`` of an analysis task with a ``gpus`` share.
+
+    A GPU task gets ``max_calls=1``: its worker process exits after the task, so
+    the next task starts with a fresh CUDA context on the GPU Ray assigns it
+    (Ray forces this only for ``num_gpus`` given in ``@ray.remote``, not in
+    ``.options``; a reused worker would keep its first GPU and its cached memory).
+    """
+    return {"num_gpus": gpus, "max_retries": max_retries, "retry_exceptions": True,
+            "max_calls": 1 if gpus > 0 else 0}
+
+
 def task_resources(cfg: StudyConfig) -> tuple[float, int]:
     """(num_gpus per task, tasks the cluster runs at once)."""
     total = ray.cluster_resources()
@@ -460,8 +473,7 @@ def fan_out(
             todo[key] = spec
     if not todo:
         return out
-    gpus, _ = task_resources(cfg)
-    task = shard_task.options(num_gpus=gpus, max_retries=cfg.ablation.max_retries, retry_exceptions=True)
+    task = shard_task.options(**task_options(task_resources(cfg)[0], cfg.ablation.max_retries))
     pending = {task.remote(state_ref, images, labels, job): key for key, (job, images, labels) in todo.items()}
     from tqdm import tqdm
 
@@ -779,7 +791,7 @@ def prepare(
         sets.append(f"ablation.units={json.dumps(parsed)}")
     sets += list(extra)
     source = resolve_source(checkpoint, config_path=config_path, overrides=sets, workdir=workdir)
-    cfg = study_config(source, config_path, sets, tracking_uri=source.run_store)
+    cfg = with_absolute_paths(study_config(source, config_path, sets, tracking_uri=source.run_store))
     if source.run_id is None:
         link_source_run(source, cfg)
     return cfg, source

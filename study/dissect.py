@@ -48,7 +48,16 @@ from analysis.dissection import (
     label_units,
 )
 from analysis.hooks import num_units
-from study.ablate import Source, check_model, expected_architecture, log_run, prepare, shard_bounds, task_resources
+from study.ablate import (
+    Source,
+    check_model,
+    expected_architecture,
+    log_run,
+    prepare,
+    shard_bounds,
+    task_options,
+    task_resources,
+)
 from study.config import StudyConfig
 from study.runtime import init_ray
 from trainables.errors import ConfigError, UnitstudyError
@@ -297,7 +306,7 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     state_ref, payload_ref = ray.put(dict(source.state_dict)), ray.put(_payload(cfg, data))
     common = {"layer": d.layer, "expected": expected_architecture(cfg), "mean_std": MEAN_STD[cfg.data.name],
               "batch_size": 256 if cfg.model.variant == "cifar" else 32}
-    opts = {"num_gpus": gpus, "max_retries": cfg.ablation.max_retries, "retry_exceptions": True}
+    opts = task_options(gpus, cfg.ablation.max_retries)
 
     first = [threshold_task.options(num_returns=2, **opts).remote(
         state_ref, payload_ref, {**common, "indices": torch.arange(lo, hi), "quantile": d.quantile,

@@ -59,6 +59,23 @@ def storage_path(cfg: StudyConfig) -> str:
     return str(path)
 
 
+def with_absolute_paths(cfg: StudyConfig) -> StudyConfig:
+    """A copy of ``cfg`` whose local ``data.root`` and ``dissection.broden_root`` are absolute.
+
+    Ray Train V2 runs each worker in a directory of its own, so a relative root
+    (``data`` in the shipped configs) would be looked up there, not where the user
+    ran ``study``; resolving it on the driver, before anything is sent to a
+    worker, makes every worker read the directory the driver checked. URIs
+    (``s3://...``) are left as they are.
+    """
+    out = cfg.model_copy(deep=True)
+    if "://" not in out.data.root:
+        out.data.root = str(Path(out.data.root).expanduser().resolve())
+    if out.dissection.broden_root and "://" not in out.dissection.broden_root:
+        out.dissection.broden_root = str(Path(out.dissection.broden_root).expanduser().resolve())
+    return out
+
+
 def worker_resources(cfg: StudyConfig) -> dict[str, float]:
     cpus = float(cfg.train.cpus_per_worker)
     return {"CPU": cpus, "GPU": 1.0} if cfg.train.use_gpu else {"CPU": cpus}

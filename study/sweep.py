@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from study.config import StudyConfig
-from study.runtime import TRIAL_DRIVER_CPUS, worker_resources
+from study.runtime import TRIAL_DRIVER_CPUS, with_absolute_paths, worker_resources
 from study.train import StudyResult, run_trials
 from trainables.errors import ConfigError
 
@@ -113,6 +113,7 @@ def sweep(
 ) -> StudyResult:
     """Run (or resume) the sweep; log the summary figures to the parent run."""
     check_validation_split(cfg)
+    cfg = with_absolute_paths(cfg)
     result = run_trials(
         cfg,
         kind="sweep",

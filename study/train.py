@@ -28,6 +28,7 @@ from study.runtime import (
     check_local_prerequisites,
     init_ray,
     storage_path,
+    with_absolute_paths,
     worker_resources,
 )
 from study.tracking import TrialLogger, start_parent_run
@@ -198,9 +199,10 @@ def run_trials(
         runs = c.search_runs(
             [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.trial_id = '{trial_id}'"
         ) if trial_id else []
-        if runs and "test/acc" not in metrics:  # the MLflow run is the record: take its last values
+        history = c.get_metric_history(runs[0].info.run_id, "test/acc") if runs and "test/acc" not in metrics else []
+        if history:  # the MLflow run is the record: take its last values (a trial that failed at once has none)
             metrics.update(runs[0].data.metrics)
-            metrics["epoch"] = max(m.step for m in c.get_metric_history(runs[0].info.run_id, "test/acc"))
+            metrics["epoch"] = max(m.step for m in history)
             metrics["checkpoint_path"] = runs[0].data.tags.get("checkpoint_uri")
         trials.append(
             {
@@ -234,6 +236,8 @@ def latest_study(storage: str, kind: str) -> str:
 def train(cfg: StudyConfig, *, config_path: str | None = None, quiet: bool = False) -> StudyResult:
     """Run one training trial; raises TrainingFailed if it errored."""
     import ray.tune
+
+    cfg = with_absolute_paths(cfg)
 
     result = run_trials(
         cfg,

@@ -324,3 +324,10 @@ def test_bad_inputs_give_one_clear_error_line(setup, tmp_path, capsys, case, nee
     save_checkpoint(tmp_path / "nobn.pt", tiny_model(batch_norm=False).state_dict())
     assert cli("ablate", *args) == 2
     one_error_line(capsys.readouterr().err, *needles)
+
+
+def test_gpu_tasks_own_their_gpu_and_cpu_tasks_reuse_workers():
+    from study.ablate import task_options
+
+    assert task_options(0.25, 3) == {"num_gpus": 0.25, "max_retries": 3, "retry_exceptions": True, "max_calls": 1}
+    assert task_options(0.0, 2)["max_calls"] == 0, "0 = unlimited: CPU workers are reused"

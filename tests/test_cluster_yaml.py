@@ -39,3 +39,12 @@ def test_no_secrets_in_the_file():
     for needle in ("aws_secret_access_key", "aws_access_key_id", "password", "token:"):
         assert needle not in lowered
     assert not re.search(r"AKIA[0-9A-Z]{16}", RAW), "no AWS access key ids"
+
+
+def test_gpu_workers_can_write_to_the_bucket_and_refuse_to_run_without_cuda():
+    config = yaml.safe_load(RAW)
+    worker = config["available_node_types"]["gpu_worker"]["node_config"]
+    assert "IamInstanceProfile" in worker, "workers write checkpoints and artifacts to s3://"
+    assert worker["ImageId"].startswith("ami-"), "an AMI whose NVIDIA driver fits the torch wheel"
+    (check,) = config["worker_setup_commands"]
+    assert "torch.cuda.is_available()" in check and "sys.exit(" in check

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainables.errors import ConfigError
 from trainables.focused_dropout import FocusedDropout
-from trainables.gradient_penalty import input_gradient_penalty
+from trainables.gradient_penalty import input_gradient_penalty, penalized_forward
 from trainables.models import vgg16
 from trainables.regularizers import batch_loss
 
@@ -178,7 +178,8 @@ def test_batch_loss_is_cross_entropy_plus_lambda_times_penalty(method):
     ce, penalty = input_gradient_penalty(model, x, y, method)
     assert torch.allclose(loss, ce + LAM * penalty)
     assert torch.equal(logits, model(x))
-    assert metrics == pytest.approx({"ce": ce.item(), "penalty": penalty.item()})
+    assert {k: v.item() for k, v in metrics.items()} == pytest.approx({"ce": ce.item(), "penalty": penalty.item()})
+    assert all(v.device == x.device and not v.requires_grad for v in metrics.values()), "no host sync, no graph"
 
 
 def test_batch_loss_at_lambda_zero_is_plain_cross_entropy_without_penalty():
@@ -216,6 +217,40 @@ def test_an_epoch_penalises_the_steps_numbered_from_its_first_step(monkeypatch):
     cpu = torch.device("cpu")
     assert train_one_epoch(model, loader, opt, reg, None, None, cpu, first_step=0)[4].item() == 3 * 2
     assert train_one_epoch(model, loader, opt, reg, None, None, cpu, first_step=10)[4].item() == 2 * 2
+
+
+def test_finite_difference_under_bf16_autocast_is_computed_in_float32():
+    """Two bf16 losses h * ||g|| apart are below bf16's resolution; the step must run in float32 (equal to
+    it to 1e-6 relative), where plain bf16 forwards give an estimate off by tens of percent."""
+    torch.manual_seed(0)
+    model = vgg16("cifar", batch_norm=True, width=0.0625, num_classes=10).train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    _, ce32, pen32 = penalized_forward(model, x, y, "finite_difference", 0.01)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, ce, pen = penalized_forward(model, x, y, "finite_difference", 0.01)
+    assert logits.dtype == torch.float32
+    assert rel_err(pen.detach(), pen32.detach()) < 1e-6 and rel_err(ce.detach(), ce32.detach()) < 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what it would be without the float32 step
+        low = F.cross_entropy(model(x), y, reduction="none").float()
+    assert rel_err(low.mean().detach(), ce32.detach()) > 1e-4, "bf16 really is coarser here"
+
+
+def test_fp16_inner_gradient_is_loss_scaled_so_it_does_not_underflow():
+    """Tiny first-layer weights make the input gradient ~1e-9: fp16's backward flushes it to zero unless
+    the inner loss is scaled (PyTorch's AMP gradient-penalty recipe), which recovers float32's penalty."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 5))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-5)
+        model[2].weight.mul_(1e-2)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    _, _, exact = penalized_forward(model, x, y)
+    with torch.autocast("cpu", dtype=torch.float16):
+        _, _, unscaled = penalized_forward(model, x, y)
+        _, _, scaled = penalized_forward(model, x, y, grad_scale=torch.tensor(2.0**16))
+    assert unscaled.item() == 0.0, "without scaling the fp16 inner gradient underflows"
+    assert rel_err(scaled.detach(), exact.detach()) < 0.05
 
 
 def test_bad_penalty_settings_raise_config_error():

@@ -141,3 +141,22 @@ def test_cli_train_user_error_is_one_line_exit_2(run_study, tmp_path):
                     "--set", f"data.root={tmp_path}/nowhere", cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "cifar100 was not found" in out.stderr
+
+
+def test_a_relative_data_root_is_read_by_every_worker_where_the_driver_found_it(ray_cluster, tmp_path, monkeypatch):
+    """Ray Train V2 runs its workers in directories of their own, so ``data.root=data`` must be resolved
+    on the driver. The fabricated CIFAR-100 tree has no valid checksums: a worker that finds it stops at
+    torchvision's integrity check ("incomplete or corrupted"); one that looks elsewhere says "was not found"."""
+    from study.train import TrainingFailed
+
+    from .test_data import _fake_cifar100
+
+    monkeypatch.chdir(tmp_path)
+    _fake_cifar100(tmp_path / "data")
+    cfg = small_config(tmp_path, "data.name=cifar100", "data.root=data", "train.num_workers=1",
+                       "train.max_failures=0", "train.epochs=1")
+    with pytest.raises(TrainingFailed) as info:
+        train(cfg, quiet=True)
+    message = str(info.value)
+    assert "incomplete or corrupted" in message and str(tmp_path / "data") in message, message
+    assert "was not found" not in message

@@ -86,10 +86,14 @@ def train_one_epoch(model, loader, optimizer, reg_cfg, autocast_dtype, scaler, d
     which decides the lazy penalty's steps identically on every rank.
     """
     model.train()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x images, correct, penalty x images
+    images = penalised = 0  # host counts: no device sync per step
     for i, (x, y) in enumerate(loader):
+        # fp16: the inner gradient of the penalty is loss-scaled like the outer one (a tensor: no sync)
+        grad_scale = scaler.scale(torch.ones((), device=device)) if scaler is not None else None
         with _autocast(device, autocast_dtype):
-            loss, logits, logs = batch_loss(model, _device_batch(x, device), y, reg_cfg, step=first_step + i)
+            loss, logits, logs = batch_loss(model, _device_batch(x, device), y, reg_cfg, step=first_step + i,
+                                            grad_scale=grad_scale)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -99,28 +103,29 @@ def train_one_epoch(model, loader, optimizer, reg_cfg, autocast_dtype, scaler, d
             loss.backward()
             optimizer.step()
         n = y.shape[0]
-        correct = (logits.detach().argmax(1) == y).sum()
-        penalised = "penalty" in logs
-        sums += torch.stack(
-            [loss.detach().double() * n, correct.double(), torch.tensor(float(n), device=device),
-             torch.tensor(logs.get("penalty", 0.0) * n, dtype=torch.float64, device=device),
-             torch.tensor(float(n if penalised else 0), device=device)]
-        )
-    return sums
+        sums[0] += loss.detach().double() * n
+        sums[1] += (logits.detach().argmax(1) == y).sum()
+        if "penalty" in logs:
+            sums[2] += logs["penalty"].double() * n
+            penalised += n
+        images += n
+    counts = torch.tensor([images, penalised], dtype=torch.float64, device=device)  # one copy per epoch
+    return torch.cat([sums[:2], counts[:1], sums[2:], counts[1:]])
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, autocast_dtype, device) -> torch.Tensor:
     """Summed (cross-entropy, correct, images) of this rank's block of an evaluation set."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    images = 0
     for x, y in loader:
         with _autocast(device, autocast_dtype):
             logits = model(_device_batch(x, device))
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
-        sums += torch.stack([loss.double(), (logits.argmax(1) == y).sum().double(),
-                             torch.tensor(float(y.shape[0]), device=device)])
-    return sums
+        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        sums[1] += (logits.argmax(1) == y).sum()
+        images += y.shape[0]
+    return torch.cat([sums, torch.tensor([float(images)], dtype=torch.float64, device=device)])
 
 
 def _maybe_inject_fault(train_cfg: dict[str, Any], epoch: int, rank: int, world_size: int, resumed: bool) -> None:

@@ -55,8 +55,9 @@ def build_model(cfg: Mapping[str, Any], num_classes: int | None = None) -> nn.Se
 
 
 def batch_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, reg_cfg: Mapping[str, Any], step: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, reg_cfg: Mapping[str, Any], step: int = 0,
+    grad_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """``(loss, logits, metrics)`` of one training batch.
 
     ``x`` is ``(B, C, H, W)``, ``y`` is ``(B,)``; ``reg_cfg`` is the
@@ -67,7 +68,10 @@ def batch_loss(
     where ``step % k == 0`` only, weighted ``k * lambda`` so its expected
     gradient is unchanged; ``step`` (the optimizer step since training began)
     is the same on every DDP rank, so the ranks agree. ``metrics`` holds
-    ``"ce"`` and, when computed, ``"penalty"`` as floats (one device sync).
+    ``"ce"`` and, when computed, ``"penalty"`` as detached 0-dim tensors on the
+    batch's device (no host sync: the caller sums them and syncs once per epoch).
+    ``grad_scale``: fp16 loss scale for the inner gradient (see
+    :func:`trainables.gradient_penalty.penalized_forward`).
     """
     gp = reg_cfg["gradient_penalty"]
     lam, method, h, every = float(gp["lambda"]), gp["method"], float(gp["h"]), int(gp.get("every", 1))
@@ -80,8 +84,7 @@ def batch_loss(
     if lam == 0 or step % every:
         logits = model(x)  # (B, K)
         ce = F.cross_entropy(logits, y)
-        return ce, logits, {"ce": ce.item()}
-    logits, ce, penalty = penalized_forward(model, x, y, method, h)
+        return ce, logits, {"ce": ce.detach()}
+    logits, ce, penalty = penalized_forward(model, x, y, method, h, grad_scale=grad_scale)
     loss = ce + every * lam * penalty
-    ce_value, penalty_value = torch.stack([ce.detach().float(), penalty.detach().float()]).tolist()
-    return loss, logits, {"ce": ce_value, "penalty": penalty_value}
+    return loss, logits, {"ce": ce.detach(), "penalty": penalty.detach()}
