@@ -72,7 +72,7 @@ __all__ = [
     "validation_split",
     "study_config",
     "report_split",
-    "task_options",
+    "remote_task",
 ]
 
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
@@ -355,7 +355,6 @@ def _eval_batch_size(cfg: StudyConfig) -> int:
 # --------------------------------------------------------------------------- the Ray task
 
 
-@ray.remote(max_retries=3, retry_exceptions=True)
 def shard_task(state_dict: dict, images, labels, job: dict) -> dict:
     """One (unit chunk, data shard) of an ablation or one data shard of interventions.
 
@@ -428,20 +427,48 @@ def _plan(parts_dir: Path | None, identity: dict, make: Callable[[], dict]) -> d
     return grid
 
 
-def task_options(gpus: float, max_retries: int) -> dict[str, Any]:
-    """Ray ``.options`` of an analysis task with a ``gpus`` share.
+def remote_task(function: Callable, gpus: float, max_retries: int, **options: Any):
+    """``function`` as a Ray task with a ``gpus`` share, ready for ``.remote``.
 
-    A GPU task gets ``max_calls=1``: its worker process exits after the task, so
-    the next task starts with a fresh CUDA context on the GPU Ray assigns it
-    (Ray forces this only for ``num_gpus`` given in ``@ray.remote``, not in
-    ``.options``; a reused worker would keep its first GPU and its cached memory).
+    A GPU task is declared with ``max_calls=1``: its worker process exits after
+    the task, so the next task starts with a fresh CUDA context on the GPU Ray
+    assigns it (Ray forces this only for ``num_gpus`` given in ``@ray.remote``, and
+    refuses ``max_calls`` in ``.options``; a reused worker would keep its first GPU
+    and its cached memory). CPU tasks reuse their workers.
     """
-    return {"num_gpus": gpus, "max_retries": max_retries, "retry_exceptions": True,
-            "max_calls": 1 if gpus > 0 else 0}
+    return remote_function(function, gpus).options(num_gpus=gpus, max_retries=max_retries, retry_exceptions=True,
+                                                   **options)
+
+
+def remote_function(function: Callable, gpus: float):
+    """The Ray remote function of ``function`` for tasks with (``max_calls=1``) or without a GPU; made once."""
+    key = (function, gpus > 0)
+    if key not in _REMOTE:
+        _REMOTE[key] = ray.remote(max_retries=3, retry_exceptions=True, **({"max_calls": 1} if gpus > 0 else {}))(
+            function)
+    return _REMOTE[key]
+
+
+_REMOTE: dict[tuple[Callable, bool], Any] = {}
+
+
+_WAITED: set[tuple[str, float]] = set()
 
 
 def task_resources(cfg: StudyConfig) -> tuple[float, int]:
-    """(num_gpus per task, tasks the cluster runs at once)."""
+    """(num_gpus per task, tasks the cluster runs at once).
+
+    On an autoscaling cluster whose workers have idled out, the nodes for one
+    task (with its GPU share, when ``ablation.num_gpus`` > 0) are asked for
+    first, so the plan is made for the cluster the tasks will run on.
+    """
+    from study.runtime import wait_for_resources
+
+    key = (ray.get_runtime_context().get_job_id(), cfg.ablation.num_gpus)
+    if key not in _WAITED:  # wait (at most) once per command: a GPU that did not come will not come later
+        bundle = {"CPU": 1.0, **({"GPU": cfg.ablation.num_gpus} if cfg.ablation.num_gpus > 0 else {})}
+        wait_for_resources([bundle], what="an analysis task", timeout_s=cfg.ray.scale_up_timeout_s)
+        _WAITED.add(key)
     total = ray.cluster_resources()
     gpus = cfg.ablation.num_gpus if total.get("GPU", 0) > 0 else 0.0
     slots = int(total.get("GPU", 0) // gpus) if gpus > 0 else int(total.get("CPU", 1))
@@ -473,7 +500,7 @@ def fan_out(
             todo[key] = spec
     if not todo:
         return out
-    task = shard_task.options(**task_options(task_resources(cfg)[0], cfg.ablation.max_retries))
+    task = remote_task(shard_task, task_resources(cfg)[0], cfg.ablation.max_retries)
     pending = {task.remote(state_ref, images, labels, job): key for key, (job, images, labels) in todo.items()}
     from tqdm import tqdm
 

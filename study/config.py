@@ -165,6 +165,7 @@ class RayConfig(_Section):
     address: str | None = None  # None: start a local cluster; "auto": join the running one
     num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local cluster
     worker_logs: bool = False  # stream Ray workers' own logs to the terminal (errors are shown either way)
+    scale_up_timeout_s: float = Field(900.0, ge=0)  # autoscaling clusters: how long to wait for nodes to start
 
 
 class StudyConfig(_Section):

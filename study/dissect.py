@@ -55,7 +55,7 @@ from study.ablate import (
     log_run,
     prepare,
     shard_bounds,
-    task_options,
+    remote_task,
     task_resources,
 )
 from study.config import StudyConfig
@@ -145,7 +145,6 @@ def _task_setup(state_dict, payload, job):
     return model, batches, device
 
 
-@ray.remote(max_retries=3, retry_exceptions=True)
 def threshold_task(state_dict: dict, payload: dict, job: dict):
     """Pass 1 on one data shard: (TopActivations state dict, the shard's layer activations or None)."""
     from analysis.dissection import threshold_pass
@@ -157,7 +156,6 @@ def threshold_task(state_dict: dict, payload: dict, job: dict):
     return top.state_dict(), acts
 
 
-@ray.remote(max_retries=3, retry_exceptions=True)
 def iou_task(state_dict: dict, payload: dict, acts, job: dict) -> dict:
     """Pass 2 on one data shard: ConceptCounts state dict (``acts`` from pass 1, or None to recompute)."""
     from analysis.dissection import iou_pass
@@ -306,9 +304,9 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     state_ref, payload_ref = ray.put(dict(source.state_dict)), ray.put(_payload(cfg, data))
     common = {"layer": d.layer, "expected": expected_architecture(cfg), "mean_std": MEAN_STD[cfg.data.name],
               "batch_size": 256 if cfg.model.variant == "cifar" else 32}
-    opts = task_options(gpus, cfg.ablation.max_retries)
+    retries = cfg.ablation.max_retries
 
-    first = [threshold_task.options(num_returns=2, **opts).remote(
+    first = [remote_task(threshold_task, gpus, retries, num_returns=2).remote(
         state_ref, payload_ref, {**common, "indices": torch.arange(lo, hi), "quantile": d.quantile,
                                  "total_positions": total, "keep_acts": keep_acts}) for lo, hi in shards]
     tops = _wait_all([f[0] for f in first], f"dissecting {d.layer}: thresholds", quiet)
@@ -317,7 +315,7 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
         top = top + TopActivations.from_state_dict(t)
     thresholds = top.thresholds(d.quantile)
 
-    second = [iou_task.options(**opts).remote(
+    second = [remote_task(iou_task, gpus, retries).remote(
         state_ref, payload_ref, acts if keep_acts else None,
         {**common, "indices": torch.arange(lo, hi), "thresholds": thresholds, "num_concepts": len(data.concepts)})
         for (lo, hi), (_, acts) in zip(shards, first)]

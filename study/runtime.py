@@ -8,9 +8,12 @@ raises one clear error.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from study.config import StudyConfig
@@ -109,11 +112,81 @@ def check_data_present(cfg: StudyConfig) -> None:
         )
 
 
-def check_cluster_fits(cfg: StudyConfig, trials_at_once: int = 1) -> None:
-    """Refuse a trial the running Ray cluster could never place (it would wait forever)."""
+def has_autoscaler() -> bool:
+    """Whether the connected cluster can add nodes: an autoscaler with declared node types.
+
+    Every cluster's monitor publishes a status report in the GCS; a cluster that
+    cannot grow (``ray.init()``, a plain ``ray start``) names each node after its
+    id (``node_<id>``), one started from an autoscaling config (``ray up``) by its
+    node type (``ray.head.default``, ``gpu_worker``).
+    """
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    if not status:
+        return False
+    mapping = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(name != f"node_{node}" for node, name in mapping.items())
+
+
+def _holds(total: dict[str, float], bundles: list[dict[str, float]]) -> bool:
+    return all(total.get(k, 0.0) >= sum(b.get(k, 0.0) for b in bundles) for b in bundles for k in b)
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{resources.get(k, 0.0):g} {k}" for k in ("CPU", "GPU") if k in resources or k == "CPU")
+
+
+def wait_for_resources(bundles: list[dict[str, float]], *, what: str, timeout_s: float,
+                       echo: Callable[[str], None] = print) -> dict[str, float]:
+    """The cluster's resources once they hold ``bundles`` (summed), or when waiting is pointless.
+
+    A cluster without an autoscaler is what it is: its resources are returned at
+    once. An autoscaling one (``ray up`` with ``min_workers: 0``: no worker and
+    no CPU until a demand appears) is asked for the bundles with
+    ``ray.autoscaler.sdk.request_resources``, and this waits, printing progress,
+    until they are there or ``timeout_s`` passes; the request is withdrawn
+    afterwards (the work's own demand then keeps the nodes).
+    """
     import ray
+    from ray.autoscaler.sdk import request_resources
 
     total = ray.cluster_resources()
+    if _holds(total, bundles) or not has_autoscaler() or timeout_s <= 0:
+        return total
+    need = {k: sum(b.get(k, 0.0) for b in bundles) for b in bundles for k in b}
+    echo(f"waiting up to {timeout_s:g} s for the autoscaler to start nodes for {what} ({_describe(need)}; "
+         f"the cluster has {_describe(total)} now)")
+    request_resources(bundles=bundles)
+    start = last = time.monotonic()
+    try:
+        while not _holds(total, bundles) and time.monotonic() - start < timeout_s:
+            time.sleep(1.0)
+            total = ray.cluster_resources()
+            if time.monotonic() - last >= 15:
+                last = time.monotonic()
+                echo(f"  ... {last - start:.0f} s: the cluster has {_describe(total)}")
+    finally:
+        request_resources(bundles=[])
+    if _holds(total, bundles):
+        echo(f"the cluster has {_describe(total)} after {time.monotonic() - start:.0f} s")
+    return total
+
+
+def trial_bundles(cfg: StudyConfig) -> list[dict[str, float]]:
+    """What one trial occupies: the trial's own driver CPU and each Train worker's resources."""
+    return [{"CPU": TRIAL_DRIVER_CPUS}] + [worker_resources(cfg)] * cfg.train.num_workers
+
+
+def check_cluster_fits(cfg: StudyConfig, echo: Callable[[str], None] = print) -> None:
+    """Refuse a trial the Ray cluster could never place (it would wait forever).
+
+    An autoscaling cluster is first asked to grow to one trial's size
+    (:func:`wait_for_resources`, ``ray.scale_up_timeout_s``); only what it still
+    cannot hold then is refused.
+    """
+    total = wait_for_resources(trial_bundles(cfg), what="one trial", timeout_s=cfg.ray.scale_up_timeout_s, echo=echo)
     per_worker = worker_resources(cfg)
     n = cfg.train.num_workers
     need_cpu = n * per_worker["CPU"] + TRIAL_DRIVER_CPUS

@@ -53,7 +53,13 @@ def search_space(cfg: StudyConfig) -> dict[str, Any]:
 
 
 def concurrent_trials(cfg: StudyConfig) -> int:
-    """``sweep.max_concurrent_trials``, else as many trials as the cluster holds at once."""
+    """``sweep.max_concurrent_trials``, else as many trials as the cluster holds at once.
+
+    Counted on the nodes that are up (on an autoscaling cluster, after it grew to
+    hold one trial): more would let trial drivers take the CPUs their own Train
+    workers then wait for. To fill a larger autoscaling cluster, set
+    ``sweep.max_concurrent_trials`` to what its ``max_workers`` hold.
+    """
     import ray
 
     if cfg.sweep.max_concurrent_trials:

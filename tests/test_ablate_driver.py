@@ -326,8 +326,10 @@ def test_bad_inputs_give_one_clear_error_line(setup, tmp_path, capsys, case, nee
     one_error_line(capsys.readouterr().err, *needles)
 
 
-def test_gpu_tasks_own_their_gpu_and_cpu_tasks_reuse_workers():
-    from study.ablate import task_options
+def test_gpu_tasks_own_their_gpu_and_cpu_tasks_reuse_workers(ray_cluster):
+    from study.ablate import remote_function, shard_task
 
-    assert task_options(0.25, 3) == {"num_gpus": 0.25, "max_retries": 3, "retry_exceptions": True, "max_calls": 1}
-    assert task_options(0.0, 2)["max_calls"] == 0, "0 = unlimited: CPU workers are reused"
+    on_gpu, on_cpu = remote_function(shard_task, 0.25), remote_function(shard_task, 0.0)
+    assert on_gpu._default_options["max_calls"] == 1, "a GPU task's worker exits after it"
+    assert on_cpu._default_options.get("max_calls", 0) == 0, "0 / unset: CPU workers are reused"
+    assert remote_function(shard_task, 0.5) is on_gpu, "declared once"
