@@ -654,11 +654,11 @@ def _figures(counts: AblationCounts, out_dir: Path) -> list[Path]:
     colours = ["lightgray" if not q else "tab:red" if c > 0 else "tab:blue" for c, q in zip(change, sig)]
     ax.bar(range(len(change)), change, width=1.0, color=colours)
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_xlabel(f"{counts.layer} units, sorted by change (most important left); coloured: significant "
-                  f"(McNemar, BH q < {ALPHA:g}; {int(sig.sum())} of {len(sig)}), grey: not")
+    ax.set_xlabel(f"{counts.layer} units, sorted by change (most important left)\ncoloured: significant "
+                  f"(exact McNemar, BH q < {ALPHA:g}; {int(sig.sum())} of {len(sig)} units), grey: not")
     ax.set_ylabel("accuracy change (points)")
-    ax.set_title(f"Removing one {counts.layer} unit: overall accuracy change vs baseline "
-                 f"{float(counts.baseline_correct.sum()) / counts.num_images:.2%}")
+    ax.set_title(f"Removing one {counts.layer} unit: accuracy change vs baseline "
+                 f"{float(counts.baseline_correct.sum()) / counts.num_images:.2%} ({counts.num_images} images)")
     fig.tight_layout()
     bars = out_dir / "unit_change.png"
     fig.savefig(bars, dpi=120)

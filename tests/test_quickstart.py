@@ -11,7 +11,7 @@ def test_quickstart_runs_end_to_end_and_leaves_every_run_in_mlflow(ray_cluster, 
     monkeypatch.chdir(tmp_path)  # outputs/ lands here
     overrides = [
         "data.num_train=800", "data.num_test=200", "model.width=0.0625", "train.epochs=2", "train.t_max=2",
-        "train.batch_size=64", "sweep.num_samples=2", "sweep.scheduler=fifo",
+        "train.batch_size=64", "train.cpus_per_worker=1", "sweep.num_samples=2", "sweep.scheduler=fifo",
         "sweep.space={regularization.dropout.rate: {type: uniform, low: 0.0, high: 0.2}}",
         "regularization.gradient_penalty.lambda=0", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db",
         "tracking.experiment=qs", f"ray.storage_path={tmp_path}/ray", "dissection.num_images=100",

@@ -5,6 +5,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from study.config import load_config
+from study.runtime import with_absolute_paths
 from study.train import train
 from trainables.checkpoint import load_checkpoint
 from trainables.errors import ConfigError, DataError
@@ -90,7 +91,7 @@ def test_checkpoint_holds_model_optimizer_scheduler_epoch_and_config(uninterrupt
     cfg, result = uninterrupted
     ck = load_checkpoint(f"{result.trials[0]['checkpoint_path']}/checkpoint.pt")
     assert ck["epoch"] == EPOCHS - 1
-    assert ck["config"] == cfg.dump()
+    assert ck["config"] == with_absolute_paths(cfg).dump(), "the config it trained with (data.root resolved)"
     assert ck["scheduler"]["last_epoch"] == EPOCHS
     assert ck["optimizer"]["state"], "momentum buffers are saved"
     assert not any(k.startswith("module.") for k in ck["model"])
