@@ -458,18 +458,25 @@ _WAITED: set[tuple[str, float]] = set()
 def task_resources(cfg: StudyConfig) -> tuple[float, int]:
     """(num_gpus per task, tasks the cluster runs at once).
 
-    On an autoscaling cluster whose workers have idled out, the nodes for one
-    task (with its GPU share, when ``ablation.num_gpus`` > 0) are asked for
-    first, so the plan is made for the cluster the tasks will run on.
+    An autoscaling cluster whose config can be read is planned for at the size
+    it may grow to (the pending tasks are the demand that grows it; a GPU share
+    on a cluster with no GPU node type means CPU tasks). Where the config cannot
+    be read and the workers have idled out, the nodes for one task (with its GPU
+    share, when ``ablation.num_gpus`` > 0) are asked for first, so the plan is
+    made for the cluster the tasks will run on.
     """
-    from study.runtime import wait_for_resources
+    from study.runtime import cluster_capacity, wait_for_resources
 
+    capacity = cluster_capacity()
     key = (ray.get_runtime_context().get_job_id(), cfg.ablation.num_gpus)
-    if key not in _WAITED:  # wait (at most) once per command: a GPU that did not come will not come later
+    if capacity is None and key not in _WAITED:  # wait at most once per command: a GPU that did not come won't
         bundle = {"CPU": 1.0, **({"GPU": cfg.ablation.num_gpus} if cfg.ablation.num_gpus > 0 else {})}
         wait_for_resources([bundle], what="an analysis task", timeout_s=cfg.ray.scale_up_timeout_s)
         _WAITED.add(key)
     total = ray.cluster_resources()
+    if capacity is not None:
+        grown = capacity.total()
+        total = {k: max(total.get(k, 0.0), grown.get(k, 0.0)) for k in set(total) | set(grown)}
     gpus = cfg.ablation.num_gpus if total.get("GPU", 0) > 0 else 0.0
     slots = int(total.get("GPU", 0) // gpus) if gpus > 0 else int(total.get("CPU", 1))
     return gpus, max(1, slots)

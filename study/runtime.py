@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from study.config import StudyConfig
@@ -112,6 +113,14 @@ def check_data_present(cfg: StudyConfig) -> None:
         )
 
 
+def _autoscaling_status() -> dict:
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    return json.loads(status) if status else {}
+
+
 def has_autoscaler() -> bool:
     """Whether the connected cluster can add nodes: an autoscaler with declared node types.
 
@@ -120,14 +129,129 @@ def has_autoscaler() -> bool:
     id (``node_<id>``), one started from an autoscaling config (``ray up``) by its
     node type (``ray.head.default``, ``gpu_worker``).
     """
-    from ray._private import ray_constants
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-    if not status:
-        return False
-    mapping = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    mapping = (_autoscaling_status().get("autoscaler_report") or {}).get("node_type_mapping") or {}
     return any(name != f"node_{node}" for node, name in mapping.items())
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """One entry of an autoscaling config's ``available_node_types``."""
+
+    name: str
+    resources: dict[str, float]
+    max_count: int  # nodes of this type the cluster may run (the head: 1)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What an autoscaling cluster can grow to, from its autoscaling config."""
+
+    node_types: tuple[NodeType, ...]
+    max_workers: int  # the config's cluster-wide cap on worker nodes
+
+    def fits_one_node(self, bundle: dict[str, float]) -> bool:
+        return any(_holds(t.resources, [bundle]) for t in self.node_types if t.max_count > 0)
+
+    def per_node(self, bundles: list[dict[str, float]]) -> list[tuple[NodeType, int]]:
+        """For each node type: how many whole copies of ``bundles`` one such node holds."""
+        need = {k: sum(b.get(k, 0.0) for b in bundles) for b in bundles for k in b}
+        out = []
+        for t in self.node_types:
+            ratios = [t.resources.get(k, 0.0) // v for k, v in need.items() if v > 0]
+            out.append((t, int(min(ratios)) if ratios else 1))
+        return out
+
+    def copies(self, bundles: list[dict[str, float]]) -> int:
+        """How many copies of ``bundles`` (one trial, one task) the grown cluster runs at once.
+
+        Packed node by node when one node holds a copy (so no copy is left waiting
+        on scraps spread over several nodes), the biggest nodes first within the
+        cluster's ``max_workers``; summed over the whole grown cluster otherwise
+        (a trial whose workers must span nodes).
+        """
+        per = [(t, c) for t, c in self.per_node(bundles) if c > 0]
+        if per:
+            total, workers_left = 0, self.max_workers
+            for t, c in sorted(per, key=lambda tc: -tc[1]):
+                if t.name == HEAD:
+                    total += c * t.max_count
+                    continue
+                n = min(t.max_count, workers_left)
+                total += c * n
+                workers_left -= n
+            return total
+        grown = self.total()
+        need = {k: sum(b.get(k, 0.0) for b in bundles) for b in bundles for k in b}
+        if not all(self.fits_one_node(b) for b in bundles):
+            return 0
+        return int(min((grown.get(k, 0.0) // v for k, v in need.items() if v > 0), default=0))
+
+    def total(self) -> dict[str, float]:
+        """Every resource summed over the largest cluster the config allows."""
+        out: dict[str, float] = {}
+        workers_left = self.max_workers
+        for t in sorted(self.node_types, key=lambda t: t.name != HEAD):
+            n = t.max_count if t.name == HEAD else min(t.max_count, workers_left)
+            if t.name != HEAD:
+                workers_left -= n
+            for k, v in t.resources.items():
+                out[k] = out.get(k, 0.0) + n * v
+        return out
+
+
+HEAD = "__head__"
+
+
+def capacity_from_config(config: dict) -> Capacity | None:
+    """The :class:`Capacity` of an autoscaling config (as ``ray up`` writes it on the head), or None.
+
+    None when a node type has no ``resources`` (Ray then detects them when the
+    node starts, so its size is not known in advance).
+    """
+    types = config.get("available_node_types") or {}
+    head = config.get("head_node_type")
+    out = []
+    for name, spec in types.items():
+        resources = spec.get("resources")
+        if resources is None or (name != head and not resources):
+            return None
+        is_head = name == head
+        out.append(NodeType(HEAD if is_head else name, {k: float(v) for k, v in resources.items()},
+                            1 if is_head else int(spec.get("max_workers", config.get("max_workers", 0)))))
+    if not out:
+        return None
+    return Capacity(tuple(out), int(config.get("max_workers", sum(t.max_count for t in out if t.name != HEAD))))
+
+
+def cluster_capacity() -> Capacity | None:
+    """The connected autoscaling cluster's :class:`Capacity`, when its config can be read here.
+
+    Ray 2.60's autoscaler (v1) does not publish its node types; the config is
+    read from the command line of the cluster's monitor process, which works
+    where ``study`` runs on the head (``ray up``, then ``ray attach`` or ``ray
+    submit``). Elsewhere, and on clusters without an autoscaler, None: the
+    checks then wait for nodes up to ``ray.scale_up_timeout_s``.
+    """
+    import yaml
+
+    status = _autoscaling_status()
+    pid = status.get("monitor_pid")
+    if not pid or not has_autoscaler():
+        return None
+    try:
+        argv = Path(f"/proc/{int(pid)}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except (OSError, ValueError):
+        return None
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--autoscaling-config=")), None)
+    if path is None and "--autoscaling-config" in argv[:-1]:
+        path = argv[argv.index("--autoscaling-config") + 1]
+    if not path:
+        return None
+    try:
+        config = yaml.safe_load(Path(path).expanduser().read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return capacity_from_config(config) if isinstance(config, dict) else None
 
 
 def _holds(total: dict[str, float], bundles: list[dict[str, float]]) -> bool:
@@ -147,7 +271,9 @@ def wait_for_resources(bundles: list[dict[str, float]], *, what: str, timeout_s:
     no CPU until a demand appears) is asked for the bundles with
     ``ray.autoscaler.sdk.request_resources``, and this waits, printing progress,
     until they are there or ``timeout_s`` passes; the request is withdrawn
-    afterwards (the work's own demand then keeps the nodes).
+    afterwards (the work's own demand then keeps the nodes). Where the
+    autoscaling config can be read (:func:`cluster_capacity`), bundles that no
+    node it can start would hold are not waited for.
     """
     import ray
     from ray.autoscaler.sdk import request_resources
@@ -155,6 +281,9 @@ def wait_for_resources(bundles: list[dict[str, float]], *, what: str, timeout_s:
     total = ray.cluster_resources()
     if _holds(total, bundles) or not has_autoscaler() or timeout_s <= 0:
         return total
+    capacity = cluster_capacity()
+    if capacity is not None and capacity.copies(bundles) == 0:
+        return total  # no node the cluster can start would hold them: waiting is pointless
     need = {k: sum(b.get(k, 0.0) for b in bundles) for b in bundles for k in b}
     echo(f"waiting up to {timeout_s:g} s for the autoscaler to start nodes for {what} ({_describe(need)}; "
          f"the cluster has {_describe(total)} now)")
@@ -182,13 +311,18 @@ def trial_bundles(cfg: StudyConfig) -> list[dict[str, float]]:
 def check_cluster_fits(cfg: StudyConfig, echo: Callable[[str], None] = print) -> None:
     """Refuse a trial the Ray cluster could never place (it would wait forever).
 
-    An autoscaling cluster is first asked to grow to one trial's size
-    (:func:`wait_for_resources`, ``ray.scale_up_timeout_s``); only what it still
-    cannot hold then is refused.
+    An autoscaling cluster whose config can be read is judged by the nodes it can
+    start (refused at once when none would hold a Train worker, or the grown
+    cluster not a whole trial); otherwise it is first asked to grow to one
+    trial's size (:func:`wait_for_resources`, ``ray.scale_up_timeout_s``) and
+    only what it still cannot hold then is refused.
     """
-    total = wait_for_resources(trial_bundles(cfg), what="one trial", timeout_s=cfg.ray.scale_up_timeout_s, echo=echo)
     per_worker = worker_resources(cfg)
     n = cfg.train.num_workers
+    capacity = cluster_capacity()
+    if capacity is not None:
+        check_capacity(cfg, capacity)
+    total = wait_for_resources(trial_bundles(cfg), what="one trial", timeout_s=cfg.ray.scale_up_timeout_s, echo=echo)
     need_cpu = n * per_worker["CPU"] + TRIAL_DRIVER_CPUS
     have_cpu = total.get("CPU", 0.0)
     if cfg.train.use_gpu and total.get("GPU", 0.0) < n:
@@ -201,4 +335,23 @@ def check_cluster_fits(cfg: StudyConfig, echo: Callable[[str], None] = print) ->
             f"train.num_workers = {n} needs {need_cpu:g} CPUs ({n} workers x {per_worker['CPU']:g} + 1 for the trial) "
             f"but the Ray cluster has {have_cpu:g}; lower train.num_workers or train.cpus_per_worker, or raise "
             "ray.num_cpus"
+        )
+
+
+def check_capacity(cfg: StudyConfig, capacity: Capacity) -> None:
+    """Refuse, without waiting, a trial that no cluster this autoscaling config can grow to would hold."""
+    per_worker = worker_resources(cfg)
+    n = cfg.train.num_workers
+    nodes = "; ".join(f"{t.name if t.name != HEAD else 'head'}: {_describe(t.resources)}" for t in capacity.node_types)
+    if not capacity.fits_one_node(per_worker):
+        raise ConfigError(
+            f"a Train worker needs {_describe(per_worker)} on one node, but no node type of this autoscaling cluster "
+            f"has that ({nodes}); lower train.cpus_per_worker"
+            + (" or set train.use_gpu=false" if cfg.train.use_gpu else "")
+        )
+    if capacity.copies(trial_bundles(cfg)) == 0:
+        raise ConfigError(
+            f"one trial needs {n} workers x ({_describe(per_worker)}) + 1 CPU, but this autoscaling cluster grows to "
+            f"at most {_describe(capacity.total())} (max_workers {capacity.max_workers}; {nodes}); lower "
+            "train.num_workers or raise max_workers in the cluster config"
         )

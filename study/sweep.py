@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from study.config import StudyConfig
-from study.runtime import TRIAL_DRIVER_CPUS, with_absolute_paths, worker_resources
+from study.runtime import TRIAL_DRIVER_CPUS, cluster_capacity, trial_bundles, with_absolute_paths, worker_resources
 from study.train import StudyResult, run_trials
 from trainables.errors import ConfigError
 
@@ -55,15 +55,22 @@ def search_space(cfg: StudyConfig) -> dict[str, Any]:
 def concurrent_trials(cfg: StudyConfig) -> int:
     """``sweep.max_concurrent_trials``, else as many trials as the cluster holds at once.
 
-    Counted on the nodes that are up (on an autoscaling cluster, after it grew to
-    hold one trial): more would let trial drivers take the CPUs their own Train
-    workers then wait for. To fill a larger autoscaling cluster, set
-    ``sweep.max_concurrent_trials`` to what its ``max_workers`` hold.
+    On an autoscaling cluster whose config can be read, as many as the largest
+    cluster it may grow to holds, packed node by node (the pending trials are the
+    demand that makes it grow); elsewhere, as many as the nodes up now hold (on an
+    autoscaling cluster: after it grew to hold one trial). More would let trial
+    drivers take the CPUs their own Train workers then wait for forever.
     """
     import ray
 
     if cfg.sweep.max_concurrent_trials:
         return cfg.sweep.max_concurrent_trials
+    capacity = cluster_capacity()
+    if capacity is not None:
+        fits = max(1, capacity.copies(trial_bundles(cfg)))
+        print(f"up to {fits} trials at once: what this autoscaling cluster holds at its max_workers "
+              f"({capacity.max_workers})", flush=True)
+        return fits
     total = ray.cluster_resources()
     per_worker = worker_resources(cfg)
     n = cfg.train.num_workers

@@ -101,19 +101,30 @@ def study(env: dict, tmp: Path, *args: str) -> subprocess.CompletedProcess:
     sets = [f"tracking.mlflow_uri=sqlite:///{tmp}/mlflow.db", "tracking.experiment=autoscaling",
             f"ray.storage_path={tmp}/ray", f"ray.address={ADDRESS}", "ray.scale_up_timeout_s=120",
             "data.num_train=400", "data.num_test=100", "model.width=0.0625", "train.epochs=1", "train.t_max=1",
-            "train.batch_size=64", "train.cpus_per_worker=1", "ablation.num_gpus=0"]
-    command = [sys.executable, "-m", "study.cli", *args, "--config", str(QUICKSTART)]
+            "train.batch_size=64", "train.cpus_per_worker=1"]
+    command = [sys.executable, "-m", "study.cli", args[0], "--config", str(QUICKSTART)]
     for item in sets:
         command += ["--set", item]
+    command += args[1:]  # last: a test's own --set wins over the defaults above
     return subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=480)
 
 
 def test_a_sweep_and_an_ablation_scale_a_cluster_up_from_zero_workers_and_finish(fake_cluster, tmp_path):
+    # A trial whose worker no node type holds is refused at once, from the autoscaling config, not after 120 s.
+    started = time.monotonic()
+    refused = study(fake_cluster, tmp_path, "train", "--set", "train.cpus_per_worker=6")
+    assert refused.returncode != 0
+    assert "a Train worker needs 6 CPU on one node, but no node type of this autoscaling cluster has that " \
+        "(head: 0 CPU; cpu_worker: 4 CPU)" in refused.stderr, refused.stderr[-2000:]
+    assert "waiting" not in refused.stdout and time.monotonic() - started < 90
+
     swept = study(fake_cluster, tmp_path, "sweep", "--set", "sweep.num_samples=2", "--set", "sweep.scheduler=fifo",
                   "--set", "sweep.space={regularization.dropout.rate: {type: uniform, low: 0.0, high: 0.2}}",
                   "--set", "regularization.gradient_penalty.lambda=0")
     assert swept.returncode == 0, swept.stderr[-3000:]
     assert "waiting up to 120 s for the autoscaler to start nodes for one trial (2 CPU" in swept.stdout
+    # 2 trials of 1 + 1 CPU per 4-CPU node, 2 nodes at most: sized from the config, not from the one node up
+    assert "up to 4 trials at once: what this autoscaling cluster holds at its max_workers (2)" in swept.stdout
     assert "2/2 trials finished" in swept.stdout, swept.stdout
     best = next(line for line in swept.stdout.splitlines() if "<- best" in line)
     parent = swept.stdout.split("MLflow parent run ")[1].split()[0]
@@ -122,7 +133,10 @@ def test_a_sweep_and_an_ablation_scale_a_cluster_up_from_zero_workers_and_finish
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run_id = client.get_run(parent).data.tags["best_run_id"]
-    ablated = study(fake_cluster, tmp_path, "ablate", "--checkpoint", run_id)
+    # ablation.num_gpus = 0.25 (the default for GPU clusters) on a cluster with no GPU node type: CPU tasks, no wait
+    started = time.monotonic()
+    ablated = study(fake_cluster, tmp_path, "ablate", "--checkpoint", run_id, "--set", "ablation.num_gpus=0.25")
     assert ablated.returncode == 0, ablated.stderr[-3000:]
     assert "units ablated one at a time on 100 test images" in ablated.stdout, ablated.stdout
+    assert "waiting" not in ablated.stdout and time.monotonic() - started < 110
     assert best
