@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.dissection import ConceptSet
+from analysis.concepts import ConceptSet
 from trainables.errors import DataError
 
 __all__ = ["BrodenData", "read_labels"]

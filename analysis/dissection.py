@@ -4,7 +4,7 @@ Paper: PAPER.md section 1 (Kim, Samith, Utama section 2; Bau et al. 2017,
 "Network Dissection", and NetDissect-Lite). For unit u and image x, ``a_u(x, p)``
 is the unit's activation (a conv name means after its ReLU, see
 :func:`analysis.hooks.unit_layer`) upsampled bilinearly to the concept-mask
-resolution.
+resolution (:mod:`analysis.upsample`).
 
 Pass 1, thresholds (:func:`threshold_pass` -> :class:`TopActivations`): ``t_u``
 with ``P[a_u > t_u] = q`` over all images and positions, computed EXACTLY. With
@@ -29,7 +29,8 @@ Concept masks arrive as label maps: each batch is ``(images, labels)`` with
 labels (B, L, Hm, Wm) int64, every pixel a global concept id in 1..K (0 =
 none); L layers let several masks overlap (shapes: one layer per category;
 Broden: one per mask file, image-level labels fill a whole layer). Concept c is
-present at a pixel when any layer holds c. :class:`ConceptSet` names the ids.
+present at a pixel when any layer holds c. :class:`~analysis.concepts.ConceptSet`
+names the ids (the concept data: :mod:`analysis.concepts`).
 
 Speed: pass 1 can keep the layer's activations at their own (small) resolution
 (``keep_acts=True``) and pass 2 reuse them (``acts=``), so the network runs once
@@ -50,28 +51,23 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from analysis.concepts import ConceptSet
 from analysis.hooks import eval_mode, retain_layers, unit_layer
+from analysis.upsample import upsample_unit_major
 from trainables.errors import ConfigError, DataError
 
 __all__ = [
     "ConceptCounts",
-    "ConceptSet",
     "Dissection",
     "TopActivations",
-    "dissect",
+    "dissect_layer",
     "iou_pass",
     "label_units",
     "layer_acts",
-    "ShapesConcepts",
-    "concept_batches",
-    "shapes_labels",
-    "shapes_concepts",
     "threshold_pass",
     "top_k_for",
-    "upsample",
 ]
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -81,94 +77,6 @@ _CHUNK_ELEMENTS = 2**24
 
 
 # --------------------------------------------------------------------------- concepts
-
-
-@dataclass(frozen=True)
-class ConceptSet:
-    """Names and categories of concept ids 1..K (id 0 = no concept).
-
-    Attributes:
-        names: (K,) concept names; ``names[i]`` is id ``i + 1``.
-        categories: (K,) the category of each concept (``shape``, ``colour``, ``object``...).
-    """
-
-    names: tuple[str, ...]
-    categories: tuple[str, ...]
-
-    def __post_init__(self):
-        if len(self.names) != len(self.categories):
-            raise ConfigError(f"{len(self.names)} concept names but {len(self.categories)} categories")
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def category_names(self) -> list[str]:
-        return list(dict.fromkeys(self.categories))
-
-
-def shapes_concepts() -> ConceptSet:
-    """The shapes dataset's concepts: ids 1.. run over ``CONCEPTS[c]`` for c in ``CATEGORIES`` order."""
-    from trainables.data import CATEGORIES, CONCEPTS
-
-    names = tuple(n for c in CATEGORIES for n in CONCEPTS[c])
-    cats = tuple(c for c in CATEGORIES for _ in CONCEPTS[c])
-    return ConceptSet(names, cats)
-
-
-def shapes_labels(segmentation: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) uint8 per-category maps of ``ShapesData`` -> (N, 3, H, W) int64 global ids."""
-    from trainables.data import CATEGORIES, CONCEPTS
-
-    offsets = torch.tensor([0] + [len(CONCEPTS[c]) for c in CATEGORIES[:-1]]).cumsum(0).view(1, -1, 1, 1)
-    seg = segmentation.long()
-    return torch.where(seg > 0, seg + offsets, 0)
-
-
-class ShapesConcepts:
-    """Shapes images with their concept label maps; the same interface as :class:`analysis.broden.BrodenData`.
-
-    ``num_images``, ``mask_size``, ``concepts`` and ``load(indices) -> (uint8
-    images (n, 3, H, W), int64 global-id label maps (n, 3, H, W))``.
-    """
-
-    def __init__(self, images: torch.Tensor, segmentation: torch.Tensor):
-        self.images, self.labels = images, shapes_labels(segmentation)
-        self.concepts = shapes_concepts()
-        self.mask_size = tuple(segmentation.shape[-2:])
-
-    @classmethod
-    def generate(cls, n: int, image_size: int = 32, seed: int = 0) -> ShapesConcepts:
-        from trainables.data import make_shapes
-
-        d = make_shapes(n, image_size, seed)
-        return cls(d.images, d.segmentation)
-
-    @property
-    def num_images(self) -> int:
-        return self.images.shape[0]
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    def load(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return self.images[index], self.labels[index]
-
-
-def concept_batches(data, indices, *, batch_size: int, mean_std, device: str | torch.device = "cpu"):
-    """Evaluation batches (normalised float images, label maps) of ``data``'s images ``indices``, on ``device``.
-
-    A list (re-iterable: both passes read it); images are loaded batch by batch.
-    """
-    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) * 255 for v in mean_std)
-    indices = torch.as_tensor(indices, dtype=torch.long)
-    out = []
-    for i in range(0, indices.numel(), batch_size):
-        images, labels = data.load(indices[i : i + batch_size])
-        out.append(((images.to(device).float() - mean) / std, labels.to(device)))
-    return out
-
-
 # --------------------------------------------------------------------------- results
 
 
@@ -316,63 +224,8 @@ def layer_acts(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     return a.float()
 
 
-# Source positions up to which upsampling is one matmul with the Kronecker product of the
-# two axes' interpolation matrices (faster than F.interpolate on CPUs for small maps).
-_MATMUL_SOURCE = 64
 
-
-def _axis_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) bilinear weights along one axis, half-pixel centres, edges clamped (align_corners=False)."""
-    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5).clamp_min(0)
-    i0 = src.floor().long().clamp_max(n_in - 1)
-    i1 = (i0 + 1).clamp_max(n_in - 1)
-    lam = src - i0
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    m[torch.arange(n_out), i0] += 1 - lam
-    m[torch.arange(n_out), i1] += lam
-    return m
-
-
-_KERNELS: dict = {}
-
-
-def _kernel(h: int, w: int, size: tuple[int, int], device, dtype) -> torch.Tensor:
-    key = (h, w, size, str(device), dtype)
-    if key not in _KERNELS:
-        k = torch.kron(_axis_matrix(h, size[0]), _axis_matrix(w, size[1]))  # (H W, h w)
-        _KERNELS[key] = k.t().contiguous().to(device=device, dtype=dtype)  # (h w, H W)
-    return _KERNELS[key]
-
-
-def upsample(acts: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, U, h, w) -> (B, U, H, W) bilinear (align_corners=False), as both passes see ``a_u``.
-
-    Small maps (h w <= 64, e.g. conv5_3 of the cifar VGG, 2x2) go through one
-    matmul with the interpolation kernel; larger ones through ``F.interpolate``.
-    Both passes call this on the same chunks, so they see the same values.
-    """
-    b, u, h, w = acts.shape
-    if (h, w) == tuple(size):
-        return acts
-    if h * w <= _MATMUL_SOURCE:
-        k = _kernel(h, w, tuple(size), acts.device, acts.dtype)
-        return (acts.reshape(b * u, h * w) @ k).view(b, u, *size)
-    return F.interpolate(acts, size=size, mode="bilinear", align_corners=False)
-
-
-def _unit_major(acts: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(b, U, h, w) -> (U, b * P) upsampled values, unit-major, in a fresh buffer (P = H W)."""
-    b, u, h, w = acts.shape
-    p = size[0] * size[1]
-    a = acts.transpose(0, 1)  # (U, b, h, w): the small tensor is the one reordered
-    if (h, w) == tuple(size):
-        return a.reshape(u, b * p).clone()
-    if h * w <= _MATMUL_SOURCE:
-        return (a.reshape(u * b, h * w) @ _kernel(h, w, tuple(size), acts.device, acts.dtype)).view(u, b * p)
-    return upsample(a.reshape(u * b, 1, h, w), size).view(u, b * p)
-
-
-def _chunks(b: int, per_image: int) -> list[tuple[int, int]]:
+def _image_chunks(b: int, per_image: int) -> list[tuple[int, int]]:
     step = max(1, _CHUNK_ELEMENTS // max(1, per_image))
     return [(i, min(b, i + step)) for i in range(0, b, step)]
 
@@ -424,8 +277,8 @@ def threshold_pass(
                 kept.append(a.cpu())
             size = tuple(labels.shape[-2:])
             u, p = a.shape[1], size[0] * size[1]
-            for lo, hi in _chunks(a.shape[0], u * p):
-                flat = _unit_major(a[lo:hi], size)  # (U, b P)
+            for lo, hi in _image_chunks(a.shape[0], u * p):
+                flat = upsample_unit_major(a[lo:hi], size)  # (U, b P)
                 maxes.append(flat.view(u, hi - lo, p).amax(2).t().cpu())
                 flat = flat.topk(min(k, flat.shape[1]), dim=1).values
                 if top is not None:
@@ -478,9 +331,10 @@ def iou_pass(
             kp = present.numel()
             lookup.zero_()
             lookup[present] = torch.arange(1, kp + 1, device=device)
-            for lo, hi in _chunks(b_all, max(U, kp + 1) * p):  # = pass 1's chunks when Kp < U
+            for lo, hi in _image_chunks(b_all, max(U, kp + 1) * p):  # = pass 1's chunks when Kp < U
                 b = hi - lo
-                on = _unit_major(a[lo:hi], size).sub_(t[:, None]).sign_().clamp_(min=0)  # (U, b P): [a_u > t_u]
+                # (U, b P): [a_u > t_u]
+                on = upsample_unit_major(a[lo:hi], size).sub_(t[:, None]).sign_().clamp_(min=0)
                 if kp == 0:
                     unit_area += on.sum(1).round().long()
                     continue
@@ -528,14 +382,14 @@ def label_units(counts: ConceptCounts, concepts: ConceptSet, iou_threshold: floa
 
 @dataclass
 class Dissection:
-    """What :func:`dissect` found: the merged passes and the per-unit table."""
+    """What :func:`dissect_layer` found: the merged passes and the per-unit table."""
 
     top: TopActivations
     counts: ConceptCounts
     units: pd.DataFrame  # label_units(counts, concepts, iou_threshold)
 
 
-def dissect(
+def dissect_layer(
     model: nn.Module,
     layer: str,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],

@@ -49,20 +49,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from analysis.ablation import (
-    ALPHA,
-    AblationCounts,
-    Batches,
-    _batches_on,
-    _check_model_classes,
-    _class_hits,
-    _prepared,
-    _resolve_device,
-    ablate_units,
-    best_units,
-    worst_units,
-)
+from analysis.ablation import ablate_units
+from analysis.counts import AblationCounts
+from analysis.evaluation import Batches, batches_on, check_model_classes, class_hits, prepared_model, resolve_device
 from analysis.hooks import check_units, edit_layer, eval_mode, flat_children, scale_units, unit_conv, unit_layer
+from analysis.rankings import ALPHA, best_units, worst_units
 from analysis.stats import mcnemar_exact, paired_proportion_interval
 from trainables.errors import ConfigError
 
@@ -275,34 +266,34 @@ def intervention_counts(
     ``model`` is left unchanged (eval mode and no grad inside; a copy when
     ``device``/``dtype`` differ).
     """
-    _check_model_classes(model, num_classes)
+    check_model_classes(model, num_classes)
     site = unit_layer(model, layer)
     for iv in interventions:
         check_units(model, layer, iv.units)
-    work = _prepared(model, device, dtype)
+    work = prepared_model(model, device, dtype)
     names = [n for n, _ in flat_children(work)]
     if any(iv.target == "weight" for iv in interventions):
         split = names.index(unit_conv(work, layer)[0])
     else:
         split = names.index(site)
     below, above = work[:split], work[split:]
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     wdtype = next(work.parameters()).dtype
     correct = torch.zeros(len(interventions), num_classes, dtype=torch.long, device=dev)
     total = torch.zeros(num_classes, dtype=torch.long, device=dev)
     baseline = torch.zeros(num_classes, dtype=torch.long, device=dev)
     lost = torch.zeros(len(interventions), num_classes, dtype=torch.long, device=dev)
     with eval_mode(work), torch.no_grad():
-        for x, y in _batches_on(batches, dev, wdtype, num_classes):
+        for x, y in batches_on(batches, dev, wdtype, num_classes):
             hidden = below(x)
             total += torch.bincount(y, minlength=num_classes)
             base_hit = above(hidden).argmax(1) == y
-            baseline += _class_hits(y, base_hit, num_classes)
+            baseline += class_hits(y, base_hit, num_classes)
             for row, iv in enumerate(interventions):
                 with apply_intervention(work, layer, iv):
                     hit = above(hidden).argmax(1) == y
-                correct[row] += _class_hits(y, hit, num_classes)
-                lost[row] += _class_hits(y, base_hit & ~hit, num_classes)
+                correct[row] += class_hits(y, hit, num_classes)
+                lost[row] += class_hits(y, base_hit & ~hit, num_classes)
     return InterventionCounts(layer, list(interventions), correct.cpu(), total.cpu(), baseline.cpu(), lost.cpu())
 
 

@@ -13,7 +13,7 @@ sparse its conv5_3 is: measure it with ``--checkpoint``.
 
 Measured side by side in one run on the same model and images:
 
-(a) one plain evaluation pass (``analysis.ablation.evaluate``);
+(a) one plain evaluation pass (``analysis.evaluation.evaluate_class_counts``);
 (b) the fast all-unit ablation (``ablate_units``: trunk once, unit index as a
     batch dimension, rank-1 update of fc6, zero-contribution pairs skipped);
 (c) the naive loop (``ablate_units_naive``: one full forward per unit), timed on
@@ -36,7 +36,8 @@ import time
 
 import torch
 
-from analysis.ablation import ablate_units, ablate_units_naive, evaluate
+from analysis.ablation import ablate_units, ablate_units_naive
+from analysis.evaluation import evaluate_class_counts
 from analysis.hooks import retain_layers, unit_layer
 from trainables.checkpoint import load_checkpoint
 from trainables.data import MEAN_STD, make_shapes
@@ -106,11 +107,11 @@ def main() -> None:
     skip = kept[site] if args.layer not in ("conv5_3", "relu5_3") else fc6_input
     zero_share = float(skip.flatten(2).eq(0).all(-1).float().mean())
 
-    evaluate(model, batches[:1], **kw)  # warm-up (allocator, kernels)
+    evaluate_class_counts(model, batches[:1], **kw)  # warm-up (allocator, kernels)
     n = min(args.naive_units, units)
     best, out = _interleaved(
         {
-            "eval": lambda: evaluate(model, batches, **kw),
+            "eval": lambda: evaluate_class_counts(model, batches, **kw),
             "fast": lambda: ablate_units(model, args.layer, batches, **kw),
         },
         args.repeat,

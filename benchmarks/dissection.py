@@ -16,8 +16,9 @@ import time
 
 import torch
 
-from analysis.ablation import evaluate
-from analysis.dissection import ShapesConcepts, concept_batches, dissect
+from analysis.concepts import ShapesConcepts, concept_batches
+from analysis.dissection import dissect_layer
+from analysis.evaluation import evaluate_class_counts
 from trainables.data import MEAN_STD
 from trainables.models import vgg16
 
@@ -44,10 +45,10 @@ def main() -> None:
     batches = concept_batches(data, range(args.images), batch_size=100, mean_std=MEAN_STD["shapes"])
     labelled = [(x, torch.zeros(x.shape[0], dtype=torch.long)) for x, _ in batches]
 
-    evaluate(model, labelled[:1], device="cpu", num_classes=20)  # warm-up
-    dissect(model, "conv5_3", batches[:1], data.concepts, device="cpu")
-    t_eval = best_of(lambda: evaluate(model, labelled, device="cpu", num_classes=20), args.repeats)
-    t_dis = best_of(lambda: dissect(model, "conv5_3", batches, data.concepts, device="cpu"), args.repeats)
+    evaluate_class_counts(model, labelled[:1], device="cpu", num_classes=20)  # warm-up
+    dissect_layer(model, "conv5_3", batches[:1], data.concepts, device="cpu")
+    t_eval = best_of(lambda: evaluate_class_counts(model, labelled, device="cpu", num_classes=20), args.repeats)
+    t_dis = best_of(lambda: dissect_layer(model, "conv5_3", batches, data.concepts, device="cpu"), args.repeats)
     print(f"{args.images} images, {args.threads} threads: evaluation {t_eval:.3f} s, dissection {t_dis:.3f} s")
     print(f"dissection / evaluation = {t_dis / t_eval:.2f}x (target <= 1.5x)")
     print(f"{t_dis / t_eval:.2f}")

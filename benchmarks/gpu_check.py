@@ -34,8 +34,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.ablation import ablate_units  # noqa: E402
-from analysis.dissection import ShapesConcepts, concept_batches, dissect  # noqa: E402
+from analysis.concepts import ShapesConcepts, concept_batches  # noqa: E402
+from analysis.dissection import dissect_layer  # noqa: E402
 from trainables.data import MEAN_STD, DeviceLoader, make_shapes  # noqa: E402
+from trainables.config import WorkerConfig  # noqa: E402
 from trainables.regularizers import batch_loss, build_model  # noqa: E402
 
 REGULARIZERS = {
@@ -48,14 +50,14 @@ REGULARIZERS = {
 MIN_COSINE = 0.8
 
 
-def config(width: float, changes: dict) -> dict:
-    """A ``StudyConfig.dump()``-shaped dict with what build_model and batch_loss read."""
+def config(width: float, changes: dict) -> WorkerConfig:
+    """The typed worker config (what build_model and batch_loss read) of a VGG-16-BN of ``width``."""
     reg = {"focused_dropout": {"par_rate": 0.0, "gamma": [0.6, 0.9], "site": "pool4"}, "dropout": {"rate": 0.0},
            "gradient_penalty": {"lambda": 0.0, "method": "double_backprop", "h": 0.01, "every": 1}}
     for section, values in changes.items():
         reg[section] = {**reg[section], **values}
-    return {"model": {"variant": "cifar", "batch_norm": True, "width": width, "num_classes": 20},
-            "regularization": reg, "train": {"seed": 0}}
+    return WorkerConfig.from_dump({"model": {"variant": "cifar", "batch_norm": True, "width": width, "num_classes": 20},
+                                   "regularization": reg, "train": {"seed": 0}})
 
 
 def gradients(model, x, y, reg, device, bf16: bool) -> torch.Tensor:
@@ -83,9 +85,9 @@ def check_regularizers(device, width: float, images: int) -> list[tuple[str, boo
         x = (data.images[:64].float() - torch.tensor(mean).view(1, -1, 1, 1) * 255) / (
             torch.tensor(std).view(1, -1, 1, 1) * 255)
         y = data.labels[:64]
-        ref = gradients(cpu_model, x, y, cfg["regularization"], torch.device("cpu"), bf16=False)
+        ref = gradients(cpu_model, x, y, cfg.regularization, torch.device("cpu"), bf16=False)
         got = gradients(dev_model, x.to(device).contiguous(memory_format=torch.channels_last), y.to(device),
-                        cfg["regularization"], device, bf16=True)
+                        cfg.regularization, device, bf16=True)
         cosine = F.cosine_similarity(got, ref, dim=0).item()
         loader = DeviceLoader(data.images, data.labels, batch_size=64, device=device, mean=mean, std=std)
         opt = torch.optim.SGD(dev_model.parameters(), lr=0.01, momentum=0.9)
@@ -93,7 +95,7 @@ def check_regularizers(device, width: float, images: int) -> list[tuple[str, boo
         for xb, yb in loader:
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss, _, _ = batch_loss(dev_model, xb.contiguous(memory_format=torch.channels_last), yb,
-                                        cfg["regularization"])
+                                        cfg.regularization)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -131,7 +133,7 @@ def check_analysis(device, width: float) -> list[tuple[str, bool, str]]:
     for dev in ("cpu", device):
         b = concept_batches(concepts, torch.arange(concepts.num_images), batch_size=32, mean_std=MEAN_STD["shapes"],
                             device=dev)
-        per[str(dev)] = dissect(model.to(dev), "conv5_3", b, concepts.concepts, device=dev, quantile=0.05)
+        per[str(dev)] = dissect_layer(model.to(dev), "conv5_3", b, concepts.concepts, device=dev, quantile=0.05)
     model.cpu()
     a, b = per["cpu"], per[str(device)]
     t_err = ((a.counts.thresholds - b.counts.thresholds.cpu()).abs() / a.counts.thresholds.abs().clamp_min(1e-6)).max()

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from trainables.config import RegularizationConfig
 from trainables.regularizers import batch_loss, build_model
 
 NUM_CLASSES = 100
@@ -73,7 +74,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(cfg).to(device).train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=5e-4)
-        runs[name] = (model, opt, cfg["regularization"])
+        runs[name] = (model, opt, RegularizationConfig.model_validate(cfg["regularization"]))  # typed once
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32, generator=g).to(device)  # (B, 3, 32, 32)
     y = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g).to(device)  # (B,)

@@ -23,6 +23,7 @@ import torch
 
 def plain_epochs(dump: dict, num_classes: int, epochs: int) -> tuple[list[float], list[float]]:
     """images/s of each training pass, and the loader's share of each epoch, in-process."""
+    from trainables.config import RegularizationConfig
     from trainables.data import build_loaders
     from trainables.loop import train_one_epoch
     from trainables.regularizers import build_model
@@ -32,11 +33,12 @@ def plain_epochs(dump: dict, num_classes: int, epochs: int) -> tuple[list[float]
     model = build_model(dump, num_classes)
     train_loader, _, _ = build_loaders(dump["data"], batch_size=t["batch_size"], seed=t["seed"])
     opt = torch.optim.SGD(model.parameters(), lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"])
+    reg = RegularizationConfig.model_validate(dump["regularization"])  # typed once, as the worker does
     rates, shares = [], []
     for epoch in range(epochs):
         train_loader.set_epoch(epoch)
         t0 = time.perf_counter()
-        sums = train_one_epoch(model, train_loader, opt, dump["regularization"], None, None, torch.device("cpu"))
+        sums = train_one_epoch(model, train_loader, opt, reg, None, None, torch.device("cpu"))
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in train_loader:  # the loader alone: index, crop, flip, normalise

@@ -45,15 +45,10 @@ import pandas as pd
 import ray
 import torch
 
-from analysis.ablation import (
-    ALPHA,
-    AblationCounts,
-    class_accuracy,
-    model_from_state_dict,
-    rank_units,
-    rank_units_per_class,
-)
+from analysis.counts import AblationCounts
+from analysis.evaluation import model_from_state_dict
 from analysis.hooks import check_units
+from analysis.rankings import ALPHA, class_accuracy, rank_units, rank_units_per_class
 from study.config import StudyConfig, apply_overrides, read_yaml, validate
 from study.runtime import init_ray, with_absolute_paths
 from study.tracking import PARENT_TAG, client, experiment_id, flatten, git_commit
@@ -294,12 +289,9 @@ class Split:
 
 def split_labels(cfg: StudyConfig, train: bool) -> torch.Tensor:
     """(N,) int64 labels of the dataset's train or test split."""
-    from trainables.data import load_arrays, places365_dataset
+    from trainables.datasets import dataset_spec
 
-    d = cfg.data
-    if d.name == "places365":
-        return torch.as_tensor(places365_dataset(d.root, train, d.download, d.image_size, augment=False).targets)
-    return load_arrays(cfg.dump()["data"], train=train)[1]
+    return dataset_spec(cfg.data.name).labels(cfg.data, train)
 
 
 def report_split(cfg: StudyConfig) -> Split:
@@ -325,27 +317,31 @@ def validation_split(cfg: StudyConfig) -> Split:
 
 
 def _split_arrays(cfg: StudyConfig, split: Split) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(uint8 images, labels) of the whole split for in-memory datasets; (None, None) for places365."""
-    if cfg.data.name == "places365":
-        return None, None
-    from trainables.data import load_arrays
+    """(uint8 images, labels) of the whole split for in-memory datasets; (None, None) for streamed ones."""
+    from trainables.datasets import dataset_spec
 
-    return load_arrays(cfg.dump()["data"], train=split.train)
+    spec = dataset_spec(cfg.data.name)
+    if not spec.in_memory:
+        return None, None
+    return spec.arrays(cfg.data, train=split.train)
 
 
 def _shard_batches(data: dict, images, labels, train: bool, indices: torch.Tensor, batch_size: int, device):
     """Evaluation batches (no augmentation, fixed order) of ``indices``, on ``device``."""
-    from trainables.data import MEAN_STD, DeviceLoader, SamplerLoader, places365_dataset
+    from trainables.data import DeviceLoader, SamplerLoader
+    from trainables.datasets import as_data_config, dataset_spec
 
+    data = as_data_config(data)
+    spec = dataset_spec(data.name)
     if images is not None:
-        mean, std = MEAN_STD[data["name"]]
+        mean, std = spec.mean_std
         return DeviceLoader(images[indices], labels[indices], batch_size=batch_size, device=device, mean=mean,
                             std=std, train=False, augment=False)
     from torch.utils.data import Subset
 
-    ds = places365_dataset(data["root"], train, data["download"], data["image_size"], augment=False)
+    ds = spec.dataset(data, train, augment=False)
     return SamplerLoader(Subset(ds, indices.tolist()), batch_size=batch_size, device=device, train=False,
-                         num_workers=data["loader_workers"])
+                         num_workers=data.loader_workers)
 
 
 def _eval_batch_size(cfg: StudyConfig) -> int:
@@ -581,7 +577,9 @@ def put_shared(cfg: StudyConfig, source: Source, splits: Sequence[Split]) -> Sha
         if images is not None:
             images, labels = images[split.indices], labels[split.indices]
         arrays[split.name] = (ray.put(images), ray.put(labels))
-    return Shared(ray.put(dict(source.state_dict)), arrays, cfg.data.name != "places365")
+    from trainables.datasets import dataset_spec
+
+    return Shared(ray.put(dict(source.state_dict)), arrays, dataset_spec(cfg.data.name).in_memory)
 
 
 def ablation_counts(
@@ -640,11 +638,9 @@ def precision_sample(cfg: StudyConfig, num_images: int) -> torch.Tensor:
 
 
 def class_names(cfg: StudyConfig) -> list[str] | None:
-    if cfg.data.name == "shapes":
-        from trainables.data import SHAPES_CLASSES
+    from trainables.datasets import dataset_spec
 
-        return list(SHAPES_CLASSES)
-    return None
+    return dataset_spec(cfg.data.name).class_names()
 
 
 def _figures(counts: AblationCounts, out_dir: Path) -> list[Path]:

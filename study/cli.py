@@ -46,32 +46,12 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @data_app.command("summary")
 def data_summary(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Load (or generate) the configured dataset and print its size, classes and concepts."""
-    import time
-
     from study.config import load_config
-    from trainables import data as D
+    from trainables.datasets import dataset_spec
 
     cfg = load_config(config, set_)
-    d = cfg.data
-    t0 = time.perf_counter()
-    if d.name == "places365":
-        train = D.places365_dataset(d.root, True, d.download, d.image_size, False)
-        test = D.places365_dataset(d.root, False, d.download, d.image_size, False)
-        typer.echo(f"places365 under {d.root}: {len(train)} train, {len(test)} val images, {len(train.classes)} classes")
-        return
-    dump = cfg.dump()["data"]
-    train_x, train_y = D.load_arrays(dump, train=True)
-    test_x, _ = D.load_arrays(dump, train=False)
-    seconds = time.perf_counter() - t0
-    counts = train_y.bincount(minlength=cfg.num_classes)
-    typer.echo(
-        f"{d.name}: {train_x.shape[0]} train + {test_x.shape[0]} test images of "
-        f"{tuple(train_x.shape[1:])} uint8, {cfg.num_classes} classes "
-        f"({counts.min().item()}-{counts.max().item()} train images per class), loaded in {seconds:.1f} s"
-    )
-    if d.name == "shapes":
-        for category in D.CATEGORIES:
-            typer.echo(f"  {category} concepts: {', '.join(D.CONCEPTS[category])}")
+    for line in dataset_spec(cfg.data.name).summary_lines(cfg.data):
+        typer.echo(line)
 
 
 @app.command("train")

@@ -72,7 +72,8 @@ MIN_MAP_SIDE = 7
 
 def map_size(model, layer: str, data, cfg: StudyConfig) -> tuple[int, int]:
     """(h, w) of ``layer``'s activation map on the dissection images (one image through the trunk, on the CPU)."""
-    from analysis.dissection import concept_batches, layer_acts
+    from analysis.concepts import concept_batches
+    from analysis.dissection import layer_acts
     from trainables.data import MEAN_STD
 
     ((x, _),) = concept_batches(data, [0], batch_size=1, mean_std=MEAN_STD[cfg.data.name])
@@ -98,9 +99,10 @@ def concept_data(cfg: StudyConfig):
     """The images and concept label maps to dissect with (see the module docstring)."""
     d = cfg.dissection
     if d.concepts == "shapes":
-        from analysis.dissection import ShapesConcepts
+        from analysis.concepts import ShapesConcepts
+        from trainables.datasets import dataset_spec
 
-        size = d.image_size or (cfg.data.image_size if cfg.data.name == "shapes" else 32)
+        size = d.image_size or dataset_spec(cfg.data.name).dissection_image_size(cfg.data)
         return ShapesConcepts.generate(d.num_images, size, cfg.data.seed + 2)
     if d.broden_root is None:
         raise ConfigError("dissection.concepts = broden needs dissection.broden_root (a Broden-format directory)")
@@ -118,11 +120,11 @@ def _payload(cfg: StudyConfig, data) -> dict:
 
 def _data_from(payload: dict):
     if payload["kind"] == "shapes":
-        from analysis.dissection import ShapesConcepts
+        from analysis.concepts import ShapesConcepts
 
         data = ShapesConcepts.__new__(ShapesConcepts)
         data.images, data.labels = payload["images"], payload["labels"]
-        from analysis.dissection import shapes_concepts
+        from analysis.concepts import shapes_concepts
 
         data.concepts, data.mask_size = shapes_concepts(), tuple(payload["labels"].shape[-2:])
         return data
@@ -135,8 +137,8 @@ def _data_from(payload: dict):
 
 
 def _task_setup(state_dict, payload, job):
-    from analysis.ablation import model_from_state_dict
-    from analysis.dissection import concept_batches
+    from analysis.concepts import concept_batches
+    from analysis.evaluation import model_from_state_dict
 
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     model = model_from_state_dict(state_dict, device=device, **job["expected"])
@@ -235,7 +237,9 @@ def _figure3(model, units: pd.DataFrame, top: TopActivations, data, cfg: StudyCo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from analysis.dissection import concept_batches, layer_acts, upsample
+    from analysis.concepts import concept_batches
+    from analysis.dissection import layer_acts
+    from analysis.upsample import upsample
     from trainables.data import MEAN_STD
 
     best = units.sort_values(["detector", "iou"], ascending=False).head(n_units)

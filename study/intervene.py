@@ -32,9 +32,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.ablation import AblationCounts, best_units, rank_units, worst_units
+from analysis.counts import AblationCounts
 from analysis.hooks import check_units
 from analysis.intervention import InterventionCounts, intervention_table, table1_interventions
+from analysis.rankings import best_units, rank_units, worst_units
 from study.ablate import (
     FanOut,
     Shared,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from study.config import StudyConfig
-from trainables.errors import ConfigError, DataError
+from trainables.errors import ConfigError
 
 # The Tune function trainable itself holds one CPU while its TorchTrainer runs.
 TRIAL_DRIVER_CPUS = 1.0
@@ -98,19 +98,9 @@ def check_local_prerequisites(cfg: StudyConfig) -> None:
 
 def check_data_present(cfg: StudyConfig) -> None:
     """A missing dataset (with downloads off) fails here, not inside a worker."""
-    d = cfg.data
-    if d.name == "shapes" or d.download:
-        return
-    from torchvision.datasets import CIFAR100, Places365
+    from trainables.datasets import dataset_spec
 
-    expected = (
-        Path(d.root) / CIFAR100.base_folder if d.name == "cifar100" else Path(d.root) / Places365._CATEGORIES_META[0]
-    )
-    if not expected.exists():
-        raise DataError(
-            f"{d.name} was not found under {d.root} (expected {expected.name}); set data.download=true on a "
-            "machine with internet access, or place the dataset there, or set data.root to where it is"
-        )
+    dataset_spec(cfg.data.name).check_present(cfg.data)
 
 
 def _autoscaling_status() -> dict:

@@ -153,7 +153,7 @@ def _sweep_space(cfg: StudyConfig, result: StudyResult) -> dict:
     return cfg.sweep.space
 
 
-def _optuna_study(cfg: StudyConfig, result: StudyResult):
+def optuna_study(cfg: StudyConfig, result: StudyResult):
     """An Optuna study rebuilt from the finished trials (works the same after a resume)."""
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -179,23 +179,17 @@ def log_summary(cfg: StudyConfig, result: StudyResult) -> None:
     """Optimization history and parameter importances (PNG) on the parent run, for a search."""
     if not _sweep_space(cfg, result):
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna
 
+    from analysis.figures import importances_figure, optimization_history_figure
     from study.tracking import client
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = _optuna_study(cfg, result)
+    study = optuna_study(cfg, result)
     c = client(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         if study.trials:
-            ax = optuna.visualization.matplotlib.plot_optimization_history(study)
-            ax.set_ylabel(cfg.sweep.metric)
-            ax.figure.savefig(Path(tmp) / "optimization_history.png", dpi=120, bbox_inches="tight")
-            plt.close(ax.figure)
+            optimization_history_figure(study, cfg.sweep.metric, Path(tmp))
         if len(study.trials) >= 2:
             try:
                 importances = optuna.importance.get_param_importances(study)
@@ -204,9 +198,5 @@ def log_summary(cfg: StudyConfig, result: StudyResult) -> None:
             else:
                 for path, value in importances.items():
                     c.log_metric(result.parent_run_id, f"importance/{path}", value)
-                fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(importances)))
-                ax.barh(list(importances)[::-1], list(importances.values())[::-1])
-                ax.set_xlabel(f"importance for {cfg.sweep.metric} (fANOVA)")
-                fig.savefig(Path(tmp) / "param_importances.png", dpi=120, bbox_inches="tight")
-                plt.close(fig)
+                importances_figure(importances, cfg.sweep.metric, Path(tmp))
         c.log_artifacts(result.parent_run_id, tmp, artifact_path="figures")

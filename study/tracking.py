@@ -109,6 +109,7 @@ class TrialLogger(Callback):
         self.runs: dict[str, str] = {}
         self.logged: dict[str, set[int]] = {}
         self.checkpoints: dict[str, str] = {}
+        self._epochs: dict[str, int] = {}  # per trial, resolved once (not re-validated every epoch)
 
     # Tune pickles its run config (callbacks included) for Tuner.restore: keep only
     # the settings; a restored logger reconnects and finds its runs by their tags.
@@ -133,6 +134,7 @@ class TrialLogger(Callback):
             self.logged[trial.trial_id] = {m.step for m in history}
         else:
             resolved = self.resolve(trial.config)
+            self._epochs[trial.trial_id] = resolved["train"]["epochs"]
             tags = {PARENT_TAG: self.parent_run_id, "trial_id": trial.trial_id, "status": "running"}
             method = (trial.config.get("search") or {}).get("method")
             if method is not None:
@@ -143,6 +145,11 @@ class TrialLogger(Callback):
             self.logged[trial.trial_id] = set()
         self.runs[trial.trial_id] = run_id
         return run_id
+
+    def _trial_epochs(self, trial) -> int:
+        if trial.trial_id not in self._epochs:
+            self._epochs[trial.trial_id] = self.resolve(trial.config)["train"]["epochs"]
+        return self._epochs[trial.trial_id]
 
     # -- Tune hooks (driver side)
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -162,7 +169,7 @@ class TrialLogger(Callback):
         self.client.log_batch(run_id, metrics=metrics)
         self.logged[trial.trial_id].add(epoch)
         if not self.quiet:
-            epochs = self.resolve(trial.config)["train"]["epochs"]
+            epochs = self._trial_epochs(trial)
             pen = f"  penalty {result['train/penalty']:.4f}" if result.get("train/penalty") else ""
             val = f"val/acc {result['val/acc']:.1%}  " if "val/acc" in result else ""
             print(
@@ -179,7 +186,7 @@ class TrialLogger(Callback):
             self.client.set_tag(run_id, "checkpoint_uri", path)
             if "://" not in path:  # remote storage: the tag is the reference, no copy
                 self.client.log_artifacts(run_id, path, artifact_path="checkpoint")
-        epochs = self.resolve(trial.config)["train"]["epochs"]
+        epochs = self._trial_epochs(trial)
         stopped_early = len(self.logged.get(trial.trial_id, ())) < epochs
         self.client.set_tag(run_id, "status", "stopped_early" if stopped_early else "finished")
         self.client.set_terminated(run_id, "FINISHED")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from study.config import StudyConfig, validate
+from study.config import StudyConfig, set_path, validate
 from study.runtime import (
     TRIAL_DRIVER_CPUS,
     check_cluster_fits,
@@ -39,29 +39,27 @@ class TrainingFailed(UnitstudyError):
     """A trial ended in an error after Ray Train's retries were used up."""
 
 
-def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:
-    node = raw
-    *parents, leaf = path.split(".")
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-
-
-def resolve_trial_config(trial_config: dict[str, Any]) -> dict[str, Any]:
-    """The trial's validated config dump: base config with the trial's search values set.
+def resolve_trial(trial_config: dict[str, Any]) -> StudyConfig:
+    """The trial's validated config: base config with the trial's search values set.
 
     The search key ``method`` names a bundle in ``sweep.methods`` whose overrides
-    are applied first; every other key is a dotted field path.
+    are applied first; every other key is a dotted field path (the same setter
+    as ``--set``, :func:`study.config.set_path`).
     """
     raw = copy.deepcopy(trial_config["config"])
     search = dict(trial_config.get("search") or {})
     method = search.pop("method", None)
     if method is not None:
         for path, value in raw["sweep"]["methods"][method].items():
-            _set_path(raw, path, value)
+            set_path(raw, path, value, what="sweep.methods")
     for path, value in search.items():
-        _set_path(raw, path, value)
-    return validate(raw).dump()
+        set_path(raw, path, value, what="sweep.space")
+    return validate(raw)
+
+
+def resolve_trial_config(trial_config: dict[str, Any]) -> dict[str, Any]:
+    """:func:`resolve_trial` as a plain dump (what MLflow params and the trial list hold)."""
+    return resolve_trial(trial_config).dump()
 
 
 def trial_fn(trial_config: dict[str, Any]) -> None:
@@ -73,8 +71,8 @@ def trial_fn(trial_config: dict[str, Any]) -> None:
 
     from trainables.loop import train_fn_per_worker
 
-    dump = resolve_trial_config(trial_config)
-    cfg = validate(dump)
+    cfg = resolve_trial(trial_config)  # validated once here; the workers rebuild their typed sections once
+    dump = cfg.dump()
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_fn_per_worker,

@@ -14,7 +14,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from analysis.ablation import ablate_units, ablate_units_naive, model_from_state_dict
+from analysis.ablation import ablate_units, ablate_units_naive
+from analysis.evaluation import model_from_state_dict
 from analysis.intervention import run_table1
 import study.intervene as intervene_module
 from study.ablate import ablate, prepare, report_split, run_ablation, validation_split

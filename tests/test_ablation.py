@@ -12,22 +12,11 @@ import torch
 from torch import nn
 
 import analysis.ablation as ablation_module
-from analysis.ablation import (
-    AblationCounts,
-    ClassCounts,
-    ablate_unit_set,
-    ablate_units,
-    ablate_units_naive,
-    best_units,
-    class_accuracy,
-    evaluate,
-    model_from_state_dict,
-    rank_units,
-    rank_units_per_class,
-    unit_accuracy,
-    worst_units,
-)
+from analysis.ablation import ablate_unit_set, ablate_units, ablate_units_naive
+from analysis.counts import AblationCounts, ClassCounts
+from analysis.evaluation import evaluate_class_counts, model_from_state_dict
 from analysis.hooks import edit_layers, retain_layers, zero_units
+from analysis.rankings import best_units, class_accuracy, rank_units, rank_units_per_class, unit_accuracy, worst_units
 from tests.unit_nets import NUM_CLASSES, calibrated_vgg, images, labelled_batches
 from trainables.checkpoint import load_checkpoint
 from trainables.errors import CheckpointError, ConfigError, DataError, LayerNameError
@@ -106,7 +95,7 @@ def test_conv5_3_means_its_units_after_relu5_3(nets):
     u = 5
     handle = model.relu5_3.register_forward_hook(lambda m, i, o: o.index_fill(1, torch.tensor([u]), 0))
     try:
-        hooked = evaluate(model, batches, **F64)
+        hooked = evaluate_class_counts(model, batches, **F64)
     finally:
         handle.remove()
     assert torch.equal(by_conv.correct[u], hooked.correct)
@@ -133,7 +122,7 @@ def test_ablating_a_set_of_units_together_equals_zeroing_those_channels(nets, la
 
     handle = relu.register_forward_hook(zero)
     try:
-        expected = evaluate(model, batches, **F64)
+        expected = evaluate_class_counts(model, batches, **F64)
     finally:
         handle.remove()
     got = ablate_unit_set(model, layer, batches, chosen, **F64)

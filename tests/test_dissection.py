@@ -14,12 +14,11 @@ import pytest
 import torch
 from torch import nn
 
+from analysis.concepts import ShapesConcepts, concept_batches
 from analysis.dissection import (
     ConceptCounts,
-    ShapesConcepts,
     TopActivations,
-    concept_batches,
-    dissect,
+    dissect_layer,
     iou_pass,
     label_units,
     threshold_pass,
@@ -76,7 +75,7 @@ def test_planted_units_get_their_concepts():
     batches = concept_batches(concepts, range(120), batch_size=50, mean_std=MEAN_STD["shapes"])
     # Every unit's area is q N positions when its concept covers more, so IoU <= coverage ratio;
     # q = 0.2 exceeds every concept's coverage here and the threshold lands on the units' zeros.
-    result = dissect(planted_net(data), "conv", batches, concepts.concepts, device="cpu", quantile=0.2)
+    result = dissect_layer(planted_net(data), "conv", batches, concepts.concepts, device="cpu", quantile=0.2)
     units = result.units.set_index("unit")
     for unit, (label, category) in {0: ("red", "colour"), 1: ("circle", "shape"), 2: ("stripes", "texture")}.items():
         row = units.loc[unit]
@@ -161,7 +160,7 @@ def test_iou_equals_brute_force_numpy():
     ceiling = np.minimum(area_u[:, None], area_c[None]) / np.maximum(np.maximum(area_u[:, None], area_c[None]), 1)
     np.testing.assert_allclose(counts.iou_ceiling.numpy(), ceiling, rtol=1e-12)
     assert (counts.iou <= counts.iou_ceiling + 1e-12).all()
-    from analysis.dissection import ConceptSet
+    from analysis.concepts import ConceptSet
 
     units = label_units(counts, ConceptSet(tuple(f"c{i}" for i in range(1, k + 1)), ("cat",) * k), 0.04)
     best = iou.argmax(1)
@@ -184,10 +183,10 @@ def test_sharded_result_equals_single_process():
     model, batches, acts, labels = small_case(seed=1)
     q, k = 0.05, 5
     names = tuple(f"c{i}" for i in range(1, k + 1))
-    from analysis.dissection import ConceptSet
+    from analysis.concepts import ConceptSet
 
     concepts = ConceptSet(names, ("a", "a", "b", "b", "b"))
-    whole = dissect(model, "fixed", batches, concepts, device="cpu", quantile=q)
+    whole = dissect_layer(model, "fixed", batches, concepts, device="cpu", quantile=q)
     n = labels.shape[0] * labels.shape[-2] * labels.shape[-1]
     shards = [batches[:1], batches[1:]]
     tops = [TopActivations.from_state_dict(threshold_pass(model, "fixed", s, quantile=q, total_positions=n,
@@ -305,7 +304,7 @@ def test_broden_batches_run_through_dissection(tmp_path):
     data = BrodenData(tmp_path, split="val")
     batches = concept_batches(data, range(3), batch_size=2, mean_std=MEAN_STD["places365"])
     model = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 2, 3, stride=2, padding=1), relu=nn.ReLU()))
-    result = dissect(model, "conv", batches, data.concepts, device="cpu", quantile=0.1)
+    result = dissect_layer(model, "conv", batches, data.concepts, device="cpu", quantile=0.1)
     assert list(result.units.columns) == ["unit", "label", "category", "iou", "threshold", "detector",
                                               "concept_share", "ceiling", "iou_to_ceiling"]
     assert result.counts.concept_area.tolist() == [4 + 8 + 12, 3, 2 * 16, 16]

@@ -11,7 +11,8 @@ network's, the masks only score them.
 import pytest
 import torch
 
-from analysis.dissection import ShapesConcepts, concept_batches, dissect
+from analysis.concepts import ShapesConcepts, concept_batches
+from analysis.dissection import dissect_layer
 from trainables.data import MEAN_STD, TEXTURES, DeviceLoader, make_shapes
 from trainables.models import vgg16
 
@@ -22,7 +23,7 @@ def shape_iou(model) -> torch.Tensor:
     """(U,) each conv5_3 unit's best IoU with a shape concept, on 120 dissection images of 112 px, q = 0.05."""
     data = ShapesConcepts.generate(120, 112, seed=2)
     batches = concept_batches(data, torch.arange(data.num_images), batch_size=60, mean_std=MEAN_STD["shapes"])
-    result = dissect(model, "conv5_3", batches, data.concepts, device="cpu", quantile=0.05)
+    result = dissect_layer(model, "conv5_3", batches, data.concepts, device="cpu", quantile=0.05)
     shapes = torch.tensor([c == "shape" for c in data.concepts.categories])
     return result.counts.iou[:, shapes].max(1).values, result
 

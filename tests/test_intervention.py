@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from analysis.ablation import ablate_units, evaluate, worst_units
+from analysis.ablation import ablate_units
+from analysis.evaluation import evaluate_class_counts
 from analysis.intervention import (
     Intervention,
     InterventionCounts,
@@ -16,6 +17,7 @@ from analysis.intervention import (
     scaled_unit_weights,
     table1_interventions,
 )
+from analysis.rankings import worst_units
 from tests.unit_nets import NUM_CLASSES, calibrated_vgg, images, labelled_batches
 from trainables.errors import ConfigError, LayerNameError
 
@@ -141,10 +143,10 @@ def test_intervention_counts_match_evaluating_under_each_intervention(with_bn, d
         Intervention("output", "multiply", 4, list(range(32))),
     ]
     counts = intervention_counts(with_bn, "conv5_3", batches, plan, **F64)
-    assert torch.equal(counts.baseline_correct, evaluate(with_bn, batches, **F64).correct)
+    assert torch.equal(counts.baseline_correct, evaluate_class_counts(with_bn, batches, **F64).correct)
     for row, iv in enumerate(plan):
         with apply_intervention(with_bn, "conv5_3", iv):
-            assert torch.equal(counts.correct[row], evaluate(with_bn, batches, **F64).correct), iv.name
+            assert torch.equal(counts.correct[row], evaluate_class_counts(with_bn, batches, **F64).correct), iv.name
     assert (counts.correct.sum(1) != counts.baseline_correct.sum()).any()  # not vacuous
 
 
@@ -191,8 +193,8 @@ def test_table1_selects_units_on_one_split_and_reports_on_another(with_bn, data)
     assert set(table.units) == {"worst-3", "best-3"}
     assert set(table[table.units == "worst-3"].unit_ids) == {" ".join(map(str, worst))}
     assert set(table.intervention) == {"output", "weight"} and set(table.operation) == {"divide", "multiply"}
-    assert set(table.baseline) == {evaluate(with_bn, report, **F64).accuracy}
-    assert set(table.selection_baseline) == {evaluate(with_bn, selection, **F64).accuracy}
+    assert set(table.baseline) == {evaluate_class_counts(with_bn, report, **F64).accuracy}
+    assert set(table.selection_baseline) == {evaluate_class_counts(with_bn, selection, **F64).accuracy}
     for _, series in table.groupby(["units", "intervention", "operation"]):
         below = list(series.below_baseline)
         assert not any(below[:-1])  # only the last row of a series may be below baseline

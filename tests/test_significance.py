@@ -11,8 +11,9 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from analysis.ablation import ablate_units, class_accuracy, precision_differences, rank_units
+from analysis.ablation import ablate_units, precision_differences
 from analysis.intervention import Intervention, intervention_counts, intervention_table
+from analysis.rankings import class_accuracy, rank_units
 from tests.unit_nets import NUM_CLASSES, calibrated_vgg, images
 from trainables.models import vgg16
 

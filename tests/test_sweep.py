@@ -192,7 +192,7 @@ def test_bad_search_space_is_refused_before_ray_starts(run_study, tmp_path, over
 def test_summary_uses_the_space_the_trials_were_drawn_from_not_the_edited_config(tmp_path):
     """After --resume Tune keeps its stored param space; rebuilding Optuna's study from the
     current (edited) config would refuse the stored trials' values."""
-    from study.sweep import _optuna_study
+    from study.sweep import optuna_study
     from study.train import StudyResult
 
     original = sweep_config(tmp_path, "sweep.space={regularization.dropout.rate: {type: uniform, low: 0, high: 0.5}}")
@@ -202,5 +202,5 @@ def test_summary_uses_the_space_the_trials_were_drawn_from_not_the_edited_config
          "search": {"regularization.dropout.rate": rate}}
         for rate, acc in ((0.45, 0.2), (0.1, 0.3))
     ]
-    study = _optuna_study(edited, StudyResult(parent_run_id="p", experiment_path="x", trials=trials))
+    study = optuna_study(edited, StudyResult(parent_run_id="p", experiment_path="x", trials=trials))
     assert sorted(t.params["regularization.dropout.rate"] for t in study.trials) == [0.1, 0.45]

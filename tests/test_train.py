@@ -141,7 +141,7 @@ def test_cli_train_user_error_is_one_line_exit_2(run_study, tmp_path):
     out = run_study("train", "--config", str(QUICKSTART), "--set", "data.name=cifar100",
                     "--set", f"data.root={tmp_path}/nowhere", cwd=tmp_path)
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "cifar100 was not found" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "CIFAR-100 was not found" in out.stderr
 
 
 def test_a_relative_data_root_is_read_by_every_worker_where_the_driver_found_it(ray_cluster, tmp_path, monkeypatch):

@@ -1,20 +1,17 @@
 """Datasets and loaders.
 
-* ``shapes``: generated offline, deterministic from a seed (see :func:`make_shapes`).
-  Each image is a grey textured background with one or two coloured shapes of
-  one kind; its class is (shape kind, texture), 4 x 5 = 20 classes; per-pixel
-  concept maps in three categories (shape, colour, texture) make it the ground
-  truth for testing network dissection.
-* ``cifar100``: torchvision ``CIFAR100``; ``places365``: torchvision ``Places365``.
-  They are downloaded only when ``data.download`` is true; otherwise a missing
-  dataset is one :class:`DataError` naming the path and how to get it.
+Which datasets exist, and everything about each (classes, normalisation, where
+it lives, how it loads), is the registry in :mod:`trainables.datasets`; the
+generated ``shapes`` dataset is :mod:`trainables.shapes`. Both are re-exported
+here for the code that imports them from this module. This module dispatches
+through the registry and never compares dataset names.
 
 Loading (after KellerJordan/cifar10-airbench): datasets that fit in memory live
 as one uint8 tensor on the training device; crop, flip and normalisation run on
 that device per batch; each epoch draws one seeded permutation that every DDP
 rank slices into a disjoint shard of equal length (:class:`DeviceLoader`).
-Places365-sized data goes through a torch DataLoader with a DistributedSampler
-(:class:`SamplerLoader`).
+Streamed datasets (Places365-sized, ``spec.in_memory`` false) go through a torch
+DataLoader with a DistributedSampler (:class:`SamplerLoader`).
 
 Splits and their roles (DESIGN.md "Data"): ``train`` fits the weights; ``val``
 (:func:`train_val_split`, ``data.val_fraction`` of the training split, seeded
@@ -28,222 +25,48 @@ train-standard and the official val split plays ``test``.
 from __future__ import annotations
 
 import math
-import urllib.error
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from trainables.errors import DataError
-
-# --------------------------------------------------------------------------- shapes
-
-SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
-TEXTURES = ("stripes", "checker", "dots", "noise", "grid")
-CATEGORIES = ("shape", "colour", "texture")
-CONCEPTS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": COLOURS, "texture": TEXTURES}
-_RGB = torch.tensor(
-    [[220, 30, 30], [30, 190, 40], [40, 60, 230], [240, 220, 30], [220, 40, 220], [30, 210, 220]],
-    dtype=torch.float32,
+from trainables.config import DataConfig
+from trainables.datasets import (  # the registry; NUM_CLASSES / MEAN_STD are derived from it
+    MEAN_STD,
+    NUM_CLASSES,
+    as_data_config,
+    dataset_spec,
+    load_cifar100,
+    places365_dataset,
 )
-SHAPES_CLASSES = tuple(f"{s}/{t}" for s in SHAPES for t in TEXTURES)
-NUM_CLASSES = {"shapes": len(SHAPES_CLASSES), "cifar100": 100, "places365": 365}
+from trainables.errors import DataError
+from trainables.shapes import (  # the generated dataset, kept importable from here
+    _RGB,  # noqa: F401
+    CATEGORIES,
+    COLOURS,
+    CONCEPTS,
+    SHAPES,
+    SHAPES_CLASSES,
+    TEXTURES,
+    ShapesData,
+    _shape_masks,  # noqa: F401
+    make_shapes,
+)
 
-MEAN_STD = {
-    "shapes": ((0.45, 0.45, 0.45), (0.25, 0.25, 0.25)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "places365": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+__all__ = [
+    "CATEGORIES", "COLOURS", "CONCEPTS", "MEAN_STD", "NUM_CLASSES", "SHAPES", "SHAPES_CLASSES", "TEXTURES",
+    "DeviceLoader", "Loaders", "SamplerLoader", "ShapesData", "build_loaders", "load_arrays", "load_cifar100",
+    "make_shapes", "places365_dataset", "split_of", "train_val_split",
+]
 
-
-@dataclass
-class ShapesData:
-    """A generated shapes split.
-
-    Attributes:
-        images: (N, 3, H, W) uint8 RGB.
-        labels: (N,) int64, ``shape_kind * len(TEXTURES) + texture``.
-        segmentation: (N, 3, H, W) uint8, one map per category in CATEGORIES order;
-            0 = no concept of that category at the pixel, k = ``CONCEPTS[category][k - 1]``.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    segmentation: torch.Tensor
-
-    classes = SHAPES_CLASSES
-    categories = CATEGORIES
-    concepts = CONCEPTS
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def concept_mask(self, category: str, concept: str) -> torch.Tensor:
-        """(N, H, W) bool mask s_c of one concept."""
-        c = CATEGORIES.index(category)
-        return self.segmentation[:, c] == CONCEPTS[category].index(concept) + 1
+# --------------------------------------------------------------------------- in-memory arrays
 
 
-def _shape_masks(kind: torch.Tensor, cx, cy, r, xs, ys) -> torch.Tensor:
-    """(N, H, W) bool: pixels inside shape ``kind[i]`` centred (cx, cy) with radius r."""
-    dx = xs - cx[:, None, None]  # (N, H, W) after broadcasting
-    dy = ys - cy[:, None, None]
-    r = r[:, None, None]
-    adx, ady = dx.abs(), dy.abs()
-    masks = torch.stack(
-        [
-            dx * dx + dy * dy <= r * r,  # circle
-            torch.maximum(adx, ady) <= 0.8 * r,  # square
-            (dy >= -r) & (dy <= 0.7 * r) & (adx <= 0.6 * (dy + r)),  # triangle, apex up
-            ((adx <= 0.3 * r) & (ady <= r)) | ((ady <= 0.3 * r) & (adx <= r)),  # cross
-        ]
-    )  # (K, N, H, W)
-    return masks.gather(0, kind[None, :, None, None].expand(1, *masks.shape[1:]))[0]
-
-
-def make_shapes(n: int, image_size: int = 32, seed: int = 0) -> ShapesData:
-    """Generate ``n`` shapes images, vectorised, deterministic in ``seed``.
-
-    Background: two grey levels (random per image) laid out by one of TEXTURES.
-    Objects: one shape of a random kind and colour; with probability 1/2 a
-    smaller second shape of the same kind and another colour, drawn underneath.
-    Pixel noise (sigma 6/255) keeps colours from being exact constants.
-    """
-    if n < 1 or image_size < 8:
-        raise DataError(f"shapes needs n >= 1 and image_size >= 8, got n={n}, image_size={image_size}")
-    g = torch.Generator().manual_seed(int(seed))
-    S = image_size
-
-    def U(lo, hi, size=(n,)):
-        return lo + (hi - lo) * torch.rand(size, generator=g)
-
-    kind = torch.randint(len(SHAPES), (n,), generator=g)
-    texture = torch.randint(len(TEXTURES), (n,), generator=g)
-    colour1 = torch.randint(len(COLOURS), (n,), generator=g)
-    colour2 = (colour1 + torch.randint(1, len(COLOURS), (n,), generator=g)) % len(COLOURS)
-    has_second = torch.rand(n, generator=g) < 0.5
-    r1 = U(0.20 * S, 0.32 * S)
-    r2 = U(0.11 * S, 0.18 * S)
-    cx1, cy1 = U(r1, S - 1 - r1), U(r1, S - 1 - r1)
-    cx2, cy2 = U(r2, S - 1 - r2), U(r2, S - 1 - r2)
-    lo, hi = U(40, 100), U(140, 200)
-    period = torch.randint(4, 9, (n,), generator=g).float()
-    phase = torch.randint(0, 8, (n,), generator=g).float()
-    vertical = torch.rand(n, generator=g) < 0.5
-    coin = torch.rand((n, S, S), generator=g) < 0.5
-    noise = torch.randn((n, 3, S, S), generator=g) * 6
-    jitter = torch.randn((n, 2, 3), generator=g) * 10
-
-    ys, xs = torch.meshgrid(torch.arange(S, dtype=torch.float32), torch.arange(S, dtype=torch.float32), indexing="ij")
-    xs, ys = xs[None], ys[None]  # (1, H, W)
-    p, ph = period[:, None, None], phase[:, None, None]
-    along = torch.where(vertical[:, None, None], xs, ys)
-    patterns = torch.stack(
-        [
-            ((along + ph) % p) < p / 2,  # stripes
-            (torch.div(xs + ph, p / 2, rounding_mode="floor") + torch.div(ys, p / 2, rounding_mode="floor")) % 2 == 1,
-            ((xs + ph) % p - p / 2) ** 2 + ((ys + ph) % p - p / 2) ** 2 < (p / 3) ** 2,  # dots
-            coin,  # noise
-            ((xs + ph) % p < 1.5) | ((ys + ph) % p < 1.5),  # grid
-        ]
-    )  # (T, N, H, W)
-    on = patterns.gather(0, texture[None, :, None, None].expand(1, n, S, S))[0]
-    grey = torch.where(on, hi[:, None, None], lo[:, None, None])  # (N, H, W)
-    img = grey[:, None].expand(n, 3, S, S).clone()
-
-    m1 = _shape_masks(kind, cx1, cy1, r1, xs, ys)
-    m2 = _shape_masks(kind, cx2, cy2, r2, xs, ys) & has_second[:, None, None] & ~m1
-    rgb1 = (_RGB[colour1] + jitter[:, 0]).clamp(0, 255)  # (N, 3)
-    rgb2 = (_RGB[colour2] + jitter[:, 1]).clamp(0, 255)
-    img = torch.where(m2[:, None], rgb2[:, :, None, None], img)
-    img = torch.where(m1[:, None], rgb1[:, :, None, None], img)
-    images = (img + noise).round().clamp(0, 255).to(torch.uint8)
-
-    objects = m1 | m2
-    seg = torch.zeros((n, 3, S, S), dtype=torch.uint8)
-    seg[:, 0] = torch.where(objects, kind[:, None, None] + 1, 0).to(torch.uint8)
-    seg[:, 1] = torch.where(m1, colour1[:, None, None] + 1, torch.where(m2, colour2[:, None, None] + 1, 0)).to(
-        torch.uint8
-    )
-    seg[:, 2] = torch.where(objects, 0, texture[:, None, None] + 1).to(torch.uint8)
-    labels = kind * len(TEXTURES) + texture
-    return ShapesData(images=images, labels=labels, segmentation=seg)
-
-
-# --------------------------------------------------------------------------- torchvision datasets
-
-
-def _download_hint(name: str, root: Path, expected: str) -> str:
-    return (
-        f"{name} was not found under {root} (expected {expected}); set data.download=true on a machine "
-        f"with internet access, or place the dataset there yourself, or set data.root to where it is"
-    )
-
-
-def load_cifar100(root: str | Path, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-100 as ((N, 3, 32, 32) uint8, (N,) int64) through torchvision's ``CIFAR100``."""
-    from torchvision.datasets import CIFAR100
-
-    root = Path(root)
-    if not download and not (root / CIFAR100.base_folder).is_dir():
-        raise DataError(_download_hint("CIFAR-100", root, f"{CIFAR100.base_folder}/"))
-    try:
-        ds = CIFAR100(str(root), train=train, download=download)
-    except (urllib.error.URLError, OSError) as exc:
-        raise DataError(f"could not download CIFAR-100 to {root}: {getattr(exc, 'reason', exc)}") from None
-    except RuntimeError:
-        raise DataError(
-            f"CIFAR-100 under {root} is incomplete or corrupted; delete {root / CIFAR100.base_folder} and "
-            "download it again"
-        ) from None
-    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-    return images, torch.as_tensor(ds.targets, dtype=torch.int64)
-
-
-def places365_dataset(
-    root: str | Path, train: bool, download: bool = False, image_size: int = 224, augment: bool = True
-):
-    """torchvision ``Places365`` (small 256 px images) with the usual ImageNet-style transforms."""
-    from torchvision import transforms as T
-    from torchvision.datasets import Places365
-
-    root = Path(root)
-    split = "train-standard" if train else "val"
-    listing = Places365._FILE_LIST_META[split][0]
-    if not download and not (root / Places365._CATEGORIES_META[0]).is_file():
-        raise DataError(_download_hint("Places365", root, f"{Places365._CATEGORIES_META[0]}, {listing} and the images"))
-    mean, std = MEAN_STD["places365"]
-    resize = int(round(image_size * 256 / 224))
-    if train and augment:
-        tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-    else:
-        tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
-    try:
-        ds = Places365(str(root), split=split, small=True, download=download, transform=tf)
-    except (urllib.error.URLError, OSError) as exc:
-        raise DataError(f"could not download Places365 to {root}: {getattr(exc, 'reason', exc)}") from None
-    except RuntimeError as exc:
-        raise DataError(f"Places365 under {root} is incomplete: {str(exc).split('. ')[0]}") from None
-    if len(ds) and not Path(ds.imgs[0][0]).is_file():
-        raise DataError(f"Places365 under {root} lists images that are missing (first: {ds.imgs[0][0]})")
-    return ds
-
-
-def load_arrays(data: Mapping[str, Any], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The in-memory datasets as (uint8 images, int64 labels) on the CPU."""
-    name = data["name"]
-    if name == "shapes":
-        n = data["num_train"] if train else data["num_test"]
-        seed = data["seed"] if train else data["seed"] + 1
-        d = make_shapes(n, data["image_size"], seed)
-        return d.images, d.labels
-    if name == "cifar100":
-        return load_cifar100(data["root"], train, data["download"])
-    raise DataError(f"dataset '{name}' does not fit the in-memory loader; use build_loaders")
+def load_arrays(data: DataConfig | Mapping[str, Any], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """An in-memory dataset's split as (uint8 images, int64 labels) on the CPU (see :mod:`trainables.datasets`)."""
+    data = as_data_config(data)
+    return dataset_spec(data.name).arrays(data, train)
 
 
 # --------------------------------------------------------------------------- train / val split
@@ -280,9 +103,15 @@ def train_val_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tup
     return (~in_val).nonzero().flatten(), val
 
 
-def split_of(data: Mapping[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`train_val_split` with the data section's ``val_fraction`` and ``seed``."""
-    return train_val_split(labels, data.get("val_fraction", 0.0), data.get("seed", 0))
+def split_of(data: DataConfig | Mapping[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`train_val_split` with the data section's ``val_fraction`` and ``seed``.
+
+    A plain dict without ``val_fraction`` (a partial section, as tests write them) has no
+    validation split, as before the typed section existed; a full dump or a DataConfig has its own.
+    """
+    if isinstance(data, Mapping):
+        return train_val_split(labels, data.get("val_fraction", 0.0), data.get("seed", 0))
+    return train_val_split(labels, data.val_fraction, data.seed)
 
 
 # --------------------------------------------------------------------------- loaders
@@ -455,7 +284,7 @@ class Loaders(NamedTuple):
 
 
 def build_loaders(
-    data: Mapping[str, Any],
+    data: DataConfig | Mapping[str, Any],
     *,
     batch_size: int,
     device: str | torch.device = "cpu",
@@ -463,33 +292,35 @@ def build_loaders(
     world_size: int = 1,
     seed: int = 0,
 ) -> Loaders:
-    """(train, val, test) loaders for the data section ``data`` (a ``DataConfig`` dump).
+    """(train, val, test) loaders for the data section ``data`` (a ``DataConfig`` or its dump).
 
     ``batch_size`` is per rank. Train and val come from the dataset's training
     split by :func:`split_of`; the training loader holds only the train indices.
     """
-    name = data["name"]
-    if name == "places365":
+    cfg = as_data_config(data)
+    spec = dataset_spec(cfg.name)
+    if not spec.in_memory:
         from torch.utils.data import Subset
 
-        kw = dict(batch_size=batch_size, device=device, rank=rank, world_size=world_size, seed=seed,
-                  num_workers=data["loader_workers"])
-        fit = places365_dataset(data["root"], True, data["download"], data["image_size"], data["augment"])
+        kw = {"batch_size": batch_size, "device": device, "rank": rank, "world_size": world_size, "seed": seed,
+              "num_workers": cfg.loader_workers}
+        fit = spec.dataset(cfg, True, cfg.augment)
         train_idx, val_idx = split_of(data, torch.as_tensor(fit.targets))
         val = None
         if val_idx.numel():
-            plain = places365_dataset(data["root"], True, data["download"], data["image_size"], augment=False)
+            plain = spec.dataset(cfg, True, augment=False)
             val = SamplerLoader(Subset(plain, val_idx.tolist()), train=False, **kw)
-        test = places365_dataset(data["root"], False, data["download"], data["image_size"], data["augment"])
+        test = spec.dataset(cfg, False, cfg.augment)
         return Loaders(SamplerLoader(Subset(fit, train_idx.tolist()), train=True, **kw), val,
                        SamplerLoader(test, train=False, **kw))
-    mean, std = MEAN_STD[name]
-    common = dict(batch_size=batch_size, device=device, mean=mean, std=std, rank=rank, world_size=world_size, seed=seed)
-    train_x, train_y = load_arrays(data, train=True)
-    test_x, test_y = load_arrays(data, train=False)
+    mean, std = spec.mean_std
+    common = {"batch_size": batch_size, "device": device, "mean": mean, "std": std, "rank": rank,
+              "world_size": world_size, "seed": seed}
+    train_x, train_y = spec.arrays(cfg, train=True)
+    test_x, test_y = spec.arrays(cfg, train=False)
     train_idx, val_idx = split_of(data, train_y)
-    train = DeviceLoader(train_x[train_idx], train_y[train_idx], train=True, augment=data["augment"],
-                         crop_padding=data["crop_padding"], **common)
+    train = DeviceLoader(train_x[train_idx], train_y[train_idx], train=True, augment=cfg.augment,
+                         crop_padding=cfg.crop_padding, **common)
     train.dataset_indices = train_idx
     val = None
     if val_idx.numel():

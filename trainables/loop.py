@@ -1,7 +1,8 @@
 """The per-worker training loop that Ray Train runs on every DDP rank.
 
-``train_fn_per_worker(config)`` reads the plain ``StudyConfig.dump()`` dict in
-``config["config"]`` and does, per epoch: one pass over this rank's shard with
+``train_fn_per_worker(config)`` rebuilds the typed :class:`trainables.config.WorkerConfig`
+once from the driver's validated ``StudyConfig.dump()`` in ``config["config"]``
+and does, per epoch: one pass over this rank's shard with
 the configured regularizers, one evaluation of the whole validation and test
 sets (each rank a disjoint block; counts all-reduced), then ``ray.train.report(metrics,
 checkpoint)`` on every rank (rank 0 attaches the checkpoint).
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.checkpoint import checkpoint_dict, load_checkpoint, save_checkpoint
+from trainables.config import TrainConfig, WorkerConfig
 from trainables.data import build_loaders
 from trainables.focused_dropout import FocusedDropout
 from trainables.models import load_vgg16_state_dict
@@ -64,10 +66,6 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values)
     return values
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
 
 
 def _device_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -128,7 +126,7 @@ def evaluate(model: nn.Module, loader, autocast_dtype, device) -> torch.Tensor:
     return torch.cat([sums, torch.tensor([float(images)], dtype=torch.float64, device=device)])
 
 
-def _maybe_inject_fault(train_cfg: dict[str, Any], epoch: int, rank: int, world_size: int, resumed: bool) -> None:
+def _maybe_inject_fault(train_cfg: TrainConfig, epoch: int, rank: int, world_size: int, resumed: bool) -> None:
     """Test hook: with ``train.fail_at_epoch = k`` the last rank kills itself at epoch k, once.
 
     "Once" = only in an attempt that did not start from a checkpoint, so the
@@ -139,7 +137,7 @@ def _maybe_inject_fault(train_cfg: dict[str, Any], epoch: int, rank: int, world_
     dies within one poll interval of its last ``report`` takes that report (and
     its checkpoint) with it, so the restart would begin from scratch.
     """
-    if train_cfg.get("fail_at_epoch") == epoch and rank == world_size - 1 and not resumed:
+    if train_cfg.fail_at_epoch == epoch and rank == world_size - 1 and not resumed:
         time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 0.5)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -149,32 +147,31 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg, num_classes = config["config"], config["num_classes"]
-    tcfg = cfg["train"]
+    dump = config["config"]
+    cfg = WorkerConfig.from_dump(dump, config["num_classes"])  # validated on the driver; rebuilt once here
+    tcfg = cfg.train
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if isinstance(device, list):
         device = device[0]
     if device.type == "cpu":  # the worker reserved train.cpus_per_worker CPUs: use them, no more
-        torch.set_num_threads(int(tcfg.get("cpus_per_worker", 1)))
-    autocast_dtype = amp_dtype(tcfg["amp"], device)
+        torch.set_num_threads(tcfg.cpus_per_worker)
+    autocast_dtype = amp_dtype(tcfg.amp, device)
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
 
-    torch.manual_seed(tcfg["seed"])  # identical initial weights on every rank
-    model = build_model(cfg, num_classes)
-    if tcfg["sync_batchnorm"] and world_size > 1:
+    torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg)
+    if tcfg.sync_batchnorm and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    per_rank_batch = max(1, tcfg["batch_size"] // world_size)
+    per_rank_batch = max(1, tcfg.batch_size // world_size)
     train_loader, val_loader, test_loader = build_loaders(
-        cfg["data"], batch_size=per_rank_batch, device=device, rank=rank, world_size=world_size, seed=tcfg["seed"]
+        cfg.data, batch_size=per_rank_batch, device=device, rank=rank, world_size=world_size, seed=tcfg.seed
     )
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=tcfg["lr"], momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"]
-    )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tcfg["t_max"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tcfg.t_max)
 
     start_epoch, resumed = 0, False
     checkpoint = ray.train.get_checkpoint()
@@ -188,15 +185,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)  # DDP when world_size > 1 (gloo on CPU, nccl on GPU)
     focused = [m for m in model.modules() if isinstance(m, FocusedDropout)]
 
-    for epoch in range(start_epoch, tcfg["epochs"]):
-        torch.manual_seed(_epoch_seed(tcfg["seed"], epoch, rank))
+    for epoch in range(start_epoch, tcfg.epochs):
+        torch.manual_seed(_epoch_seed(tcfg.seed, epoch, rank))
         for m in focused:  # same stream on every rank: a global mini-batch participates as a whole
-            m.generator.manual_seed(_epoch_seed(tcfg["seed"], epoch, 0))
+            m.generator.manual_seed(_epoch_seed(tcfg.seed, epoch, 0))
         train_loader.set_epoch(epoch)
         _maybe_inject_fault(tcfg, epoch, rank, world_size, resumed)
 
         t0 = time.perf_counter()
-        train_sums = _all_reduce(train_one_epoch(model, train_loader, optimizer, cfg["regularization"],
+        train_sums = _all_reduce(train_one_epoch(model, train_loader, optimizer, cfg.regularization,
                                                  autocast_dtype, scaler, device, epoch * len(train_loader)))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -224,7 +221,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                state = checkpoint_dict(model, optimizer, scheduler, epoch, cfg, rng_scheme=RNG_SCHEME)
+                state = checkpoint_dict(model, optimizer, scheduler, epoch, dump, rng_scheme=RNG_SCHEME)
                 save_checkpoint(Path(tmp) / CHECKPOINT_FILE, state)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)

@@ -1,0 +1,273 @@
+"""The dataset registry: one :class:`DatasetSpec` per dataset, and all that is known about it.
+
+Adding a dataset is one spec here (plus its test); nothing else compares
+dataset names. A spec says how many classes the dataset has, how to normalise
+it, whether it is held in memory (the whole split as uint8 tensors for a
+:class:`~trainables.data.DeviceLoader`) or streamed from files (a torch
+``Dataset`` for a :class:`~trainables.data.SamplerLoader`), how to check that
+it is on disk, and how to load it.
+
+* ``shapes``: generated offline, deterministic from a seed (:mod:`trainables.shapes`);
+  the train split uses ``data.seed`` and the test split ``data.seed + 1``.
+* ``cifar100``: torchvision ``CIFAR100``, held in memory.
+* ``places365``: torchvision ``Places365`` (small 256 px images), streamed;
+  train-standard is the training split and the official val split plays ``test``.
+
+torchvision datasets are downloaded only when ``data.download`` is true;
+otherwise a missing dataset is one :class:`DataError` naming the path and how
+to get it. Every function taking ``data`` (the data section) accepts a
+:class:`~trainables.config.DataConfig` or a plain dict of one (a
+``StudyConfig.dump()["data"]``), validated once by :func:`as_data_config`.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import ValidationError
+
+from trainables.config import DataConfig
+from trainables.errors import ConfigError, DataError
+from trainables.shapes import CATEGORIES, CONCEPTS, SHAPES_CLASSES, make_shapes
+
+__all__ = [
+    "DATASETS", "MEAN_STD", "NUM_CLASSES", "Cifar100Spec", "DatasetSpec", "Places365Spec", "ShapesSpec",
+    "as_data_config", "dataset_spec", "load_cifar100", "places365_dataset",
+]
+
+MeanStd = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+def as_data_config(data: DataConfig | Mapping[str, Any]) -> DataConfig:
+    """``data`` as a :class:`DataConfig`: returned as is, or a dict validated once (missing keys take the defaults)."""
+    if isinstance(data, DataConfig):
+        return data
+    if isinstance(data, Mapping):
+        try:
+            return DataConfig.model_validate(dict(data))
+        except ValidationError as exc:
+            raise ConfigError(f"invalid data section: {exc}") from None
+    raise TypeError(f"expected a DataConfig or a dict of one, got {type(data).__name__}")
+
+
+def _download_hint(name: str, root: Path, expected: str) -> str:
+    return (
+        f"{name} was not found under {root} (expected {expected}); set data.download=true on a machine "
+        f"with internet access, or place the dataset there yourself, or set data.root to where it is"
+    )
+
+
+class DatasetSpec:
+    """What the kit knows about one dataset. Subclass it and register an instance in :data:`DATASETS`.
+
+    Attributes:
+        name: the ``data.name`` that selects it.
+        num_classes: classes of its labels (``model.num_classes`` defaults to this).
+        mean_std: per-channel (mean, std) in [0, 1] that inputs are normalised with.
+        in_memory: True: :meth:`arrays` gives a whole split as uint8 tensors (DeviceLoader);
+            False: :meth:`dataset` gives a torch Dataset of files (SamplerLoader).
+        test_split: what the dataset calls the split the kit uses as ``test``.
+    """
+
+    name: ClassVar[str]
+    num_classes: ClassVar[int]
+    mean_std: ClassVar[MeanStd]
+    in_memory: ClassVar[bool]
+    test_split: ClassVar[str] = "test"
+
+    def class_names(self) -> list[str] | None:
+        """Names of the classes in label order, or None where the kit has none to hand."""
+        return None
+
+    def check_present(self, data: DataConfig | Mapping[str, Any]) -> None:
+        """A :class:`DataError` with the download hint when the dataset is missing and downloads are off."""
+
+    def arrays(self, data: DataConfig | Mapping[str, Any], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole split as ((N, 3, H, W) uint8, (N,) int64) on the CPU (in-memory datasets only)."""
+        raise DataError(f"dataset '{self.name}' does not fit the in-memory loader; use build_loaders")
+
+    def dataset(self, data: DataConfig | Mapping[str, Any], train: bool, augment: bool):
+        """A split as a torch Dataset with ``.targets`` yielding normalised float images (streamed datasets only)."""
+        raise DataError(f"dataset '{self.name}' is held in memory; load it with arrays()")
+
+    def labels(self, data: DataConfig | Mapping[str, Any], train: bool) -> torch.Tensor:
+        """(N,) int64 labels of the train or test split."""
+        if self.in_memory:
+            return self.arrays(data, train)[1]
+        return torch.as_tensor(self.dataset(data, train, augment=False).targets, dtype=torch.int64)
+
+    def summary_lines(self, data: DataConfig | Mapping[str, Any]) -> list[str]:
+        """What ``study data summary`` prints: the splits' sizes and the classes."""
+        data = as_data_config(data)
+        t0 = time.perf_counter()
+        if not self.in_memory:
+            train = self.dataset(data, True, augment=False)
+            test = self.dataset(data, False, augment=False)
+            classes = len(getattr(train, "classes", ())) or self.num_classes
+            return [(f"{self.name} under {data.root}: {len(train)} train, {len(test)} {self.test_split} images, "
+                     f"{classes} classes")]
+        train_x, train_y = self.arrays(data, train=True)
+        test_x, _ = self.arrays(data, train=False)
+        seconds = time.perf_counter() - t0
+        counts = train_y.bincount(minlength=self.num_classes)
+        return [(
+            f"{self.name}: {train_x.shape[0]} train + {test_x.shape[0]} test images of "
+            f"{tuple(train_x.shape[1:])} uint8, {self.num_classes} classes "
+            f"({counts.min().item()}-{counts.max().item()} train images per class), loaded in {seconds:.1f} s"
+        )]
+
+    def dissection_image_size(self, data: DataConfig | Mapping[str, Any]) -> int:
+        """Default side in px of the generated shapes-concept images that dissect a model of this dataset."""
+        return 32
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+class ShapesSpec(DatasetSpec):
+    """The generated shapes (:func:`trainables.shapes.make_shapes`): ``num_train`` / ``num_test`` images
+    of ``image_size`` px, seeds ``seed`` (train) and ``seed + 1`` (test)."""
+
+    name = "shapes"
+    num_classes = len(SHAPES_CLASSES)
+    mean_std = ((0.45, 0.45, 0.45), (0.25, 0.25, 0.25))
+    in_memory = True
+
+    def class_names(self) -> list[str]:
+        return list(SHAPES_CLASSES)
+
+    def arrays(self, data, train):
+        data = as_data_config(data)
+        n = data.num_train if train else data.num_test
+        seed = data.seed if train else data.seed + 1
+        d = make_shapes(n, data.image_size, seed)
+        return d.images, d.labels
+
+    def summary_lines(self, data):
+        return super().summary_lines(data) + [
+            f"  {category} concepts: {', '.join(CONCEPTS[category])}" for category in CATEGORIES
+        ]
+
+    def dissection_image_size(self, data):
+        return as_data_config(data).image_size
+
+
+# --------------------------------------------------------------------------- CIFAR-100
+
+
+def load_cifar100(root: str | Path, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-100 as ((N, 3, 32, 32) uint8, (N,) int64) through torchvision's ``CIFAR100``."""
+    from torchvision.datasets import CIFAR100
+
+    root = Path(root)
+    if not download and not (root / CIFAR100.base_folder).is_dir():
+        raise DataError(_download_hint("CIFAR-100", root, f"{CIFAR100.base_folder}/"))
+    try:
+        ds = CIFAR100(str(root), train=train, download=download)
+    except (urllib.error.URLError, OSError) as exc:
+        raise DataError(f"could not download CIFAR-100 to {root}: {getattr(exc, 'reason', exc)}") from None
+    except RuntimeError:
+        raise DataError(
+            f"CIFAR-100 under {root} is incomplete or corrupted; delete {root / CIFAR100.base_folder} and "
+            "download it again"
+        ) from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return images, torch.as_tensor(ds.targets, dtype=torch.int64)
+
+
+class Cifar100Spec(DatasetSpec):
+    """torchvision ``CIFAR100`` under ``data.root``, held in memory (32 px)."""
+
+    name = "cifar100"
+    num_classes = 100
+    mean_std = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    in_memory = True
+
+    def check_present(self, data):
+        from torchvision.datasets import CIFAR100
+
+        data = as_data_config(data)
+        root = Path(data.root)
+        if not data.download and not (root / CIFAR100.base_folder).is_dir():
+            raise DataError(_download_hint("CIFAR-100", root, f"{CIFAR100.base_folder}/"))
+
+    def arrays(self, data, train):
+        data = as_data_config(data)
+        return load_cifar100(data.root, train, data.download)
+
+
+# --------------------------------------------------------------------------- Places365
+
+
+def places365_dataset(
+    root: str | Path, train: bool, download: bool = False, image_size: int = 224, augment: bool = True
+):
+    """torchvision ``Places365`` (small 256 px images) with the usual ImageNet-style transforms."""
+    from torchvision import transforms as T
+    from torchvision.datasets import Places365
+
+    root = Path(root)
+    split = "train-standard" if train else "val"
+    listing = Places365._FILE_LIST_META[split][0]
+    if not download and not (root / Places365._CATEGORIES_META[0]).is_file():
+        raise DataError(_download_hint("Places365", root, f"{Places365._CATEGORIES_META[0]}, {listing} and the images"))
+    mean, std = Places365Spec.mean_std
+    resize = round(image_size * 256 / 224)
+    if train and augment:
+        tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    else:
+        tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
+    try:
+        ds = Places365(str(root), split=split, small=True, download=download, transform=tf)
+    except (urllib.error.URLError, OSError) as exc:
+        raise DataError(f"could not download Places365 to {root}: {getattr(exc, 'reason', exc)}") from None
+    except RuntimeError as exc:
+        raise DataError(f"Places365 under {root} is incomplete: {str(exc).split('. ')[0]}") from None
+    if len(ds) and not Path(ds.imgs[0][0]).is_file():
+        raise DataError(f"Places365 under {root} lists images that are missing (first: {ds.imgs[0][0]})")
+    return ds
+
+
+class Places365Spec(DatasetSpec):
+    """torchvision ``Places365`` (small) under ``data.root``, streamed at ``data.image_size`` px;
+    its official val split is the kit's test split (the test labels are not public)."""
+
+    name = "places365"
+    num_classes = 365
+    mean_std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    in_memory = False
+    test_split = "val"
+
+    def check_present(self, data):
+        from torchvision.datasets import Places365
+
+        data = as_data_config(data)
+        root = Path(data.root)
+        if not data.download and not (root / Places365._CATEGORIES_META[0]).is_file():
+            raise DataError(_download_hint("Places365", root, f"{Places365._CATEGORIES_META[0]} and the images"))
+
+    def dataset(self, data, train, augment):
+        data = as_data_config(data)
+        return places365_dataset(data.root, train, data.download, data.image_size, augment)
+
+
+# --------------------------------------------------------------------------- registry
+
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (ShapesSpec(), Cifar100Spec(), Places365Spec())}
+
+# Derived views, kept for the code that indexes them by name.
+NUM_CLASSES: dict[str, int] = {name: spec.num_classes for name, spec in DATASETS.items()}
+MEAN_STD: dict[str, MeanStd] = {name: spec.mean_std for name, spec in DATASETS.items()}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The registered spec of dataset ``name``; a :class:`ConfigError` naming the known ones otherwise."""
+    try:
+        return DATASETS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
