@@ -159,8 +159,8 @@ def report_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default: outputs/report-<experiment>).")] = None,
 ) -> None:
     """Rebuild the paper's Table 2 from the runs in MLflow (mean +- 95% t interval over seeds, paired differences)."""
-    from study.config import load_config
     from analysis.tables import TABLE2_CAPTION
+    from study.config import load_config
     from study.report import report
 
     cfg = load_config(config, set_)

@@ -48,6 +48,7 @@ from trainables.config import (  # re-exported: the sections every caller knows 
     RegularizationConfig,
     Section,
     TrainConfig,
+    WorkerSections,
 )
 
 
@@ -91,14 +92,10 @@ class RayConfig(Section):
     scale_up_timeout_s: float = Field(900.0, ge=0)  # autoscaling clusters: how long to wait for nodes to start
 
 
-class StudyConfig(Section):
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+class StudyConfig(WorkerSections):
+    """The whole configuration: the worker sections (:mod:`trainables.config`) plus sweep, tracking, ray."""
+
     sweep: SweepConfig = Field(default_factory=SweepConfig)
-    ablation: AblationConfig = Field(default_factory=AblationConfig)
-    dissection: DissectionConfig = Field(default_factory=DissectionConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

@@ -3,10 +3,10 @@
 Paper: PAPER.md section 1 (Figure 1: detector units per concept category at
 conv5_3; Figure 3: top-activating images with the thresholded region). The
 computation is :mod:`analysis.dissection`; this module is the driver around it
-(DESIGN.md "Data flow" step 5), reusing :mod:`study.ablate`'s checkpoint
-resolution (:func:`study.ablate.prepare`: a path or an MLflow run id), model
-check and MLflow logging (:func:`study.ablate.log_run`: tags ``kind``,
-``source_run_id``, nested under the checkpoint's study).
+(DESIGN.md "Data flow" step 5), with the checkpoint resolution of
+:mod:`study.sources` (a path or an MLflow run id), the resumable fan-out of
+:mod:`study.fanout` and the MLflow run of :func:`study.tracking.log_analysis_run`
+(tags ``kind``, ``source_run_id``, nested under the checkpoint's study).
 
 1. Concept data: ``dissection.concepts = shapes`` generates
    ``dissection.num_images`` shapes images at ``data.image_size`` with seed
@@ -32,7 +32,6 @@ dissection section has no fields of its own for them.
 from __future__ import annotations
 
 import math
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,29 +41,28 @@ import pandas as pd
 import ray
 import torch
 
-from analysis.dissection import (
-    ConceptCounts,
-    TopActivations,
-    label_units,
-)
+from analysis.dissection import ConceptCounts, TopActivations, label_units
+from analysis.figures import detectors_figure, top_images_figure
 from analysis.hooks import num_units
-from study.ablate import (
-    Source,
-    check_model,
-    expected_architecture,
-    log_run,
-    prepare,
+from study.config import StudyConfig
+from study.fanout import (
+    MIN_SHARD_IMAGES,
+    default_shards,
+    fan_out,
+    job_hash,
+    job_plan,
+    open_task,
     shard_bounds,
-    remote_task,
     task_resources,
 )
-from study.config import StudyConfig
 from study.runtime import init_ray
-from trainables.errors import ConfigError, UnitstudyError
+from study.sources import Source, check_model, expected_architecture, prepare
+from study.tracking import log_analysis_run
+from trainables.datasets import dataset_spec
+from trainables.errors import ConfigError
 
 __all__ = ["DissectionResult", "dissect", "dissection_summary", "run_dissection"]
 
-_MIN_SHARD_IMAGES = 64
 # Below this map side a unit's thresholded region cannot follow a concept's outline: the paper's
 # conv5_3 is 14x14 at 224 px (NetDissect-Lite), a 32 px CIFAR image gives it 2x2.
 MIN_MAP_SIDE = 7
@@ -74,9 +72,7 @@ def map_size(model, layer: str, data, cfg: StudyConfig) -> tuple[int, int]:
     """(h, w) of ``layer``'s activation map on the dissection images (one image through the trunk, on the CPU)."""
     from analysis.concepts import concept_batches
     from analysis.dissection import layer_acts
-    from trainables.data import MEAN_STD
-
-    ((x, _),) = concept_batches(data, [0], batch_size=1, mean_std=MEAN_STD[cfg.data.name])
+    ((x, _),) = concept_batches(data, [0], batch_size=1, mean_std=dataset_spec(cfg.data.name).mean_std)
     with torch.no_grad():
         return tuple(layer_acts(model, layer, x).shape[-2:])
 
@@ -100,7 +96,6 @@ def concept_data(cfg: StudyConfig):
     d = cfg.dissection
     if d.concepts == "shapes":
         from analysis.concepts import ShapesConcepts
-        from trainables.datasets import dataset_spec
 
         size = d.image_size or dataset_spec(cfg.data.name).dissection_image_size(cfg.data)
         return ShapesConcepts.generate(d.num_images, size, cfg.data.seed + 2)
@@ -138,10 +133,8 @@ def _data_from(payload: dict):
 
 def _task_setup(state_dict, payload, job):
     from analysis.concepts import concept_batches
-    from analysis.evaluation import model_from_state_dict
 
-    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-    model = model_from_state_dict(state_dict, device=device, **job["expected"])
+    model, device = open_task(state_dict, job)
     batches = concept_batches(_data_from(payload), job["indices"], batch_size=job["batch_size"],
                               mean_std=job["mean_std"], device=device)
     return model, batches, device
@@ -168,108 +161,6 @@ def iou_task(state_dict: dict, payload: dict, acts, job: dict) -> dict:
     return counts.state_dict()
 
 
-def _wait_all(refs: list, desc: str, quiet: bool) -> list:
-    """ray.get of every ref, in order, with a tqdm bar following ray.wait; cancels the rest on a failure."""
-    from tqdm import tqdm
-
-    pending = list(refs)
-    with tqdm(total=len(refs), desc=desc, unit="task", disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
-        try:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                ray.get(done[0])  # raise a task's error as soon as it lands
-                bar.update(1)
-        except ray.exceptions.RayTaskError as exc:
-            for ref in pending:
-                ray.cancel(ref)
-            if isinstance(exc.cause, UnitstudyError):
-                raise exc.cause from None
-            raise
-    return ray.get(list(refs))
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def _figure1(units: pd.DataFrame, cfg: StudyConfig, out_dir: Path) -> Path:
-    """Detector units per category (left) and per concept (right), like the paper's Figure 1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    det = units[units["detector"]]
-    near = det["iou_to_ceiling"] >= 0.8
-    cats = list(dict.fromkeys(units["category"]))
-    colours = {c: plt.cm.tab10(i % 10) for i, c in enumerate(cats)}
-    per_cat = det["category"].value_counts().reindex(cats, fill_value=0)
-    per_concept = det.groupby(["category", "label"]).size().sort_values(ascending=False)
-    near_concept = det[near].groupby(["category", "label"]).size().reindex(per_concept.index, fill_value=0)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 3]})
-    a.bar(range(len(cats)), per_cat.to_numpy(), color=[colours[c] for c in cats])
-    a.set_xticks(range(len(cats)), cats, rotation=30)
-    a.set_ylabel("detector units")
-    a.set_title(f"{cfg.dissection.layer}: {len(det)}/{len(units)} detectors")
-    if len(per_concept):
-        x = range(len(per_concept))
-        b.bar(x, per_concept.to_numpy(), color=[colours[c] for c, _ in per_concept.index])
-        b.bar(x, near_concept.to_numpy(), color="none", edgecolor="black", hatch="///", linewidth=0,
-              label="IoU >= 0.8 x its ceiling (bounded by the areas, not the unit)")
-        b.set_xticks(x, [lbl for _, lbl in per_concept.index], rotation=60, ha="right", fontsize=7)
-        if near.any():
-            b.legend(fontsize=7, loc="upper right")
-    else:
-        b.text(0.5, 0.5, "no detector units", ha="center", va="center", transform=b.transAxes)
-    b.set_ylabel("detector units")
-    b.set_title(f"per concept (IoU >= {cfg.dissection.iou_threshold:g}, q = {cfg.dissection.quantile:g})")
-    fig.tight_layout()
-    path = out_dir / "figure1_detectors.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _figure3(model, units: pd.DataFrame, top: TopActivations, data, cfg: StudyConfig, out_dir: Path,
-             n_units: int = 5) -> Path:
-    """Top-activating images of the best units, the region ``a_u > t_u`` outlined (recomputed on the CPU)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from analysis.concepts import concept_batches
-    from analysis.dissection import layer_acts
-    from analysis.upsample import upsample
-    from trainables.data import MEAN_STD
-
-    best = units.sort_values(["detector", "iou"], ascending=False).head(n_units)
-    k = min(cfg.dissection.top_images, top.image_max.shape[0])
-    fig, axes = plt.subplots(len(best), k, figsize=(1.6 * k, 1.7 * len(best)), squeeze=False)
-    for row, (_, r) in enumerate(best.iterrows()):
-        u = int(r["unit"])
-        idx = top.image_max[:, u].topk(k).indices
-        images, _ = data.load(idx)
-        (x, _), = concept_batches(data, idx, batch_size=len(idx), mean_std=MEAN_STD[cfg.data.name])
-        with torch.no_grad():
-            a = upsample(layer_acts(model, cfg.dissection.layer, x)[:, u : u + 1], tuple(images.shape[-2:]))
-        on = (a[:, 0] > float(r["threshold"])).numpy()
-        for col in range(k):
-            ax = axes[row, col]
-            ax.imshow(images[col].permute(1, 2, 0).numpy())
-            if on[col].any() and not on[col].all():
-                ax.contour(on[col].astype(float), levels=[0.5], colors="yellow", linewidths=1.2)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[row, 0].set_ylabel(f"unit {u}\n{r['label']}\nIoU {r['iou']:.2f} / {r['ceiling']:.2f}", fontsize=7)
-    fig.suptitle(f"{cfg.dissection.layer}: top-activating images, region a_u > t_u outlined "
-                 "(row label: concept, IoU / its ceiling)", fontsize=9)
-    fig.tight_layout()
-    path = out_dir / "figure3_top_images.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 # --------------------------------------------------------------------------- study dissect
 
 
@@ -286,13 +177,19 @@ class DissectionResult:
     cfg: StudyConfig
     map_size: tuple[int, int]
     warning: str | None  # the coarse-map line, when the layer's map is under MIN_MAP_SIDE
+    computed: int = 0  # tasks run by this command (the rest were resumed from saved parts)
 
 
 def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int | None = None,
             quiet: bool = False) -> DissectionResult:
-    """Both passes as Ray tasks over data shards, reduced here; write and log the results."""
-    from trainables.data import MEAN_STD
+    """Both passes as Ray tasks over data shards, reduced here; write and log the results.
 
+    Each finished task's result is saved under ``<out_dir>/parts/dissection-<job>/``
+    (:func:`study.fanout.fan_out`), so a rerun of the same command after a crash
+    or a kill computes only the shards still missing in each pass; the shards are
+    fixed in ``plan.json`` on the first run. A pass-2 shard whose pass-1
+    activations are gone (pass 1 was resumed) recomputes them.
+    """
     d = cfg.dissection
     model = check_model(source, cfg)
     num_units(model, d.layer)  # a wrong layer name fails here, listing the valid ones, before Ray starts
@@ -301,51 +198,63 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     layer_map = map_size(model, d.layer, data, cfg)
     warning = coarse_map_warning(d.layer, layer_map, int(data.load([0])[0].shape[-1]))
     total = n * data.mask_size[0] * data.mask_size[1]
+    mean_std = dataset_spec(cfg.data.name).mean_std
+    identity = {"kind": "dissection", "version": 1, "checkpoint": source.fingerprint, "layer": d.layer,
+                "concepts": d.concepts, "broden_root": d.broden_root, "num_images": n, "quantile": d.quantile,
+                "image_size": d.image_size, "data": cfg.dump()["data"], "images": job_hash({"i": data.load([0])[0]})}
+    parts_dir = out_dir / "parts" / f"dissection-{d.layer}-{job_hash(identity)}"
     init_ray(cfg)
-    gpus, slots = task_resources(cfg)
-    shards = shard_bounds(n, num_shards or max(1, min(slots, n // _MIN_SHARD_IMAGES)))
+    grid = job_plan(parts_dir, identity, lambda: {"shards": shard_bounds(
+        n, num_shards or default_shards(n, 1, task_resources(cfg)[1], 2 * MIN_SHARD_IMAGES))})
+    shards = [tuple(b) for b in grid["shards"]]
     keep_acts = d.concepts == "shapes"
     state_ref, payload_ref = ray.put(dict(source.state_dict)), ray.put(_payload(cfg, data))
-    common = {"layer": d.layer, "expected": expected_architecture(cfg), "mean_std": MEAN_STD[cfg.data.name],
+    common = {"layer": d.layer, "expected": expected_architecture(cfg), "mean_std": mean_std,
               "batch_size": 256 if cfg.model.variant == "cifar" else 32}
-    retries = cfg.ablation.max_retries
 
-    first = [remote_task(threshold_task, gpus, retries, num_returns=2).remote(
-        state_ref, payload_ref, {**common, "indices": torch.arange(lo, hi), "quantile": d.quantile,
-                                 "total_positions": total, "keep_acts": keep_acts}) for lo, hi in shards]
-    tops = _wait_all([f[0] for f in first], f"dissecting {d.layer}: thresholds", quiet)
-    top = TopActivations.from_state_dict(tops[0])
+    first = fan_out(cfg, threshold_task, {
+        f"threshold-shard{s:03d}": (state_ref, payload_ref, {
+            **common, "indices": torch.arange(lo, hi), "quantile": d.quantile, "total_positions": total,
+            "keep_acts": keep_acts}) for s, (lo, hi) in enumerate(shards)},
+        parts_dir=parts_dir, desc=f"dissecting {d.layer}: thresholds", quiet=quiet, num_returns=2)
+    tops = [TopActivations.from_state_dict(first.results[f"threshold-shard{s:03d}"]) for s in range(len(shards))]
+    top = tops[0]
     for t in tops[1:]:
-        top = top + TopActivations.from_state_dict(t)
+        top = top + t
     thresholds = top.thresholds(d.quantile)
 
-    second = [remote_task(iou_task, gpus, retries).remote(
-        state_ref, payload_ref, acts if keep_acts else None,
-        {**common, "indices": torch.arange(lo, hi), "thresholds": thresholds, "num_concepts": len(data.concepts)})
-        for (lo, hi), (_, acts) in zip(shards, first)]
-    parts = _wait_all(second, f"dissecting {d.layer}: IoU", quiet)
-    counts = ConceptCounts.from_state_dict(parts[0])
+    second = fan_out(cfg, iou_task, {
+        f"iou-shard{s:03d}": (state_ref, payload_ref, (first.extra.get(f"threshold-shard{s:03d}") or [None])[0], {
+            **common, "indices": torch.arange(lo, hi), "thresholds": thresholds,
+            "num_concepts": len(data.concepts)}) for s, (lo, hi) in enumerate(shards)},
+        parts_dir=parts_dir, desc=f"dissecting {d.layer}: IoU", quiet=quiet)
+    parts = [ConceptCounts.from_state_dict(second.results[f"iou-shard{s:03d}"]) for s in range(len(shards))]
+    counts = parts[0]
     for p in parts[1:]:
-        counts = counts + ConceptCounts.from_state_dict(p)
+        counts = counts + p
 
     units = label_units(counts, data.concepts, d.iou_threshold)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "units.csv", out_dir / "units.parquet"]
     units.to_csv(files[0], index=False)
     units.to_parquet(files[1], index=False)
-    files += [_figure1(units, cfg, out_dir), _figure3(model, units, top, data, cfg, out_dir)]
+    files += [detectors_figure(units, d.layer, d.iou_threshold, d.quantile, out_dir),
+              top_images_figure(model, units, top, data, layer=d.layer, top_images=d.top_images, mean_std=mean_std,
+                                out_dir=out_dir)]
     det = units[units["detector"]]
     metrics = {"dissection/detectors": float(len(det)), "dissection/mean_iou": float(units["iou"].mean()),
                "dissection/max_iou": float(units["iou"].max())}
     for cat in data.concepts.category_names():
         metrics[f"dissection/detectors_{cat}"] = float((det["category"] == cat).sum())
     metrics["dissection/detectors_near_ceiling"] = float((det["iou_to_ceiling"] >= 0.8).sum())
-    run_id = log_run(cfg, source, kind="dissection", name=f"dissection-{d.layer}-{source.name}", metrics=metrics,
-                     params={"dissection.images": n, "dissection.tasks": 2 * len(shards),
-                             "dissection.map_size": f"{layer_map[0]}x{layer_map[1]}"},
-                     files=files, tags={"coarse_map": warning} if warning else None)
+    computed = len(first.computed) + len(second.computed)
+    run_id = log_analysis_run(
+        cfg, source, kind="dissection", name=f"dissection-{d.layer}-{source.name}", metrics=metrics,
+        params={"dissection.images": n, "dissection.tasks": 2 * len(shards),
+                "dissection.map_size": f"{layer_map[0]}x{layer_map[1]}"},
+        files=files, tags={"coarse_map": warning} if warning else None)
     return DissectionResult(units, top, counts, out_dir, files, run_id, source, 2 * len(shards), cfg, layer_map,
-                            warning)
+                            warning, computed)
 
 
 def run_dissection(
@@ -378,7 +287,8 @@ def dissection_summary(result: DissectionResult, n: int = 8) -> list[str]:
     near = int((det["iou_to_ceiling"] >= 0.8).sum())
     return [*([result.warning] if result.warning else []),
         f"{d.layer}: {len(u)} units dissected on {result.top.image_max.shape[0]} {d.concepts} images "
-        f"({d.layer} map {result.map_size[0]}x{result.map_size[1]}) in {result.num_tasks} tasks; "
+        f"({d.layer} map {result.map_size[0]}x{result.map_size[1]}) in {result.num_tasks} tasks"
+        f"{'' if result.computed == result.num_tasks else f' ({result.num_tasks - result.computed} resumed)'}; "
         f"{len(det)} detectors (IoU >= {d.iou_threshold:g}, q = {d.quantile:g}): {per_cat}; "
         f"{near} of them within 0.8 of their IoU ceiling",
         "best units (IoU / ceiling): " + ", ".join(

@@ -4,7 +4,7 @@ Paper: PAPER.md section 2 items 2-3 (Kim, Samith, Utama Table 1). The
 computation is :mod:`analysis.intervention`; this is its driver:
 
 1. selection split = the validation images the checkpoint's training held out
-   (:func:`study.ablate.validation_split`; never trained on, never the test
+   (:func:`study.fanout.validation_split`; never trained on, never the test
    set), report split = test;
 2. per-unit ablation on the selection split (fanned out and resumable exactly
    like ``study ablate``) gives the worst-k units (removal raises accuracy most)
@@ -31,32 +31,34 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from analysis.counts import AblationCounts
 from analysis.hooks import check_units
 from analysis.intervention import InterventionCounts, intervention_table, table1_interventions
 from analysis.rankings import best_units, rank_units, worst_units
-from study.ablate import (
+from study.ablate import ablation_counts
+from study.config import StudyConfig
+from study.fanout import (
+    MIN_SHARD_IMAGES,
     FanOut,
     Shared,
-    Source,
     Split,
-    _common_job,
-    _job_hash,
-    _plan,
+    common_job,
+    eval_batches,
+    fan_out,
+    job_hash,
+    job_plan,
+    open_task,
+    put_shared,
+    report_split,
     shard_bounds,
     task_resources,
-    ablation_counts,
-    check_model,
-    fan_out,
-    log_run,
-    prepare,
-    put_shared,
     validation_split,
-    report_split,
 )
-from study.config import StudyConfig
 from study.runtime import init_ray
+from study.sources import Source, check_model, prepare
+from study.tracking import log_analysis_run
 from trainables.errors import ConfigError
 
 __all__ = ["InterventionResult", "intervene", "markdown_table", "run_intervention", "table1_display"]
@@ -78,6 +80,21 @@ class InterventionResult:
     cfg: StudyConfig
 
 
+def intervention_task(state_dict: dict, images, labels, job: dict) -> dict:
+    """One data shard of every intervention in ``job["interventions"]``: the counts' ``state_dict()``.
+
+    Inputs as for :func:`study.ablate.ablation_task`.
+    """
+    from analysis.intervention import Intervention, intervention_counts
+
+    model, device = open_task(state_dict, job)
+    dtype = torch.float64 if job["dtype"] == "float64" else torch.float32
+    batches = eval_batches(job["data"], images, labels, job["train"], job["indices"], job["batch_size"], device)
+    plan = [Intervention(**d) for d in job["interventions"]]
+    return intervention_counts(model, job["layer"], batches, plan, device=device, num_classes=job["num_classes"],
+                               dtype=dtype).state_dict()
+
+
 def intervention_counts_fanned(
     cfg: StudyConfig,
     source: Source,
@@ -92,23 +109,24 @@ def intervention_counts_fanned(
     """:func:`analysis.intervention.intervention_counts` of ``plan`` on ``split``, over data shards, summed."""
     plan_dicts = [asdict(iv) for iv in plan]
     identity = {"kind": "intervention", "version": 2, "checkpoint": source.fingerprint, "split": split.name,
-                "indices": _job_hash({"i": split.indices}), "layer": cfg.ablation.layer, "plan": plan_dicts,
+                "indices": job_hash({"i": split.indices}), "layer": cfg.ablation.layer, "plan": plan_dicts,
                 "data": cfg.dump()["data"], "dtype": cfg.ablation.dtype}
-    parts_dir = out_dir / "parts" / f"intervention-{split.name}-{_job_hash(identity)}" if out_dir else None
+    parts_dir = out_dir / "parts" / f"intervention-{split.name}-{job_hash(identity)}" if out_dir else None
 
     def make() -> dict:
-        shards = num_shards or max(1, min(task_resources(cfg)[1], split.num_images // 32))
+        shards = num_shards or max(1, min(task_resources(cfg)[1], split.num_images // MIN_SHARD_IMAGES))
         return {"shards": shard_bounds(split.num_images, shards)}
 
-    grid = _plan(parts_dir, identity, make)
-    common = _common_job(cfg, split)
+    grid = job_plan(parts_dir, identity, make)
+    common = common_job(cfg, split)
     images, labels = shared.arrays[split.name]
     jobs = {
-        f"shard{s:03d}": ({**common, "kind": "intervention", "interventions": plan_dicts,
-                           "indices": shared.indices(split, lo, hi)}, images, labels)
+        f"shard{s:03d}": (shared.state, images, labels,
+                          {**common, "interventions": plan_dicts, "indices": shared.indices(split, lo, hi)})
         for s, (lo, hi) in enumerate(grid["shards"])
     }
-    done = fan_out(cfg, jobs, shared.state, parts_dir=parts_dir, desc=f"interventions ({split.name})", quiet=quiet)
+    done = fan_out(cfg, intervention_task, jobs, parts_dir=parts_dir, desc=f"interventions ({split.name})",
+                   quiet=quiet)
     parts = [InterventionCounts.from_state_dict(done.results[k]) for k in jobs]
     total = parts[0]
     for p in parts[1:]:
@@ -187,7 +205,7 @@ def intervene(
         f"\n\n{markdown_table(table1_display(table))}\n"
     )
     rank_units(ablation).to_csv(files[2], index=False)
-    run_id = log_run(
+    run_id = log_analysis_run(
         cfg, source, kind="intervention", name=f"intervention-{layer}-{source.name}",
         metrics={"test/baseline_acc": counts["test"].baseline_accuracy,
                  "val/baseline_acc": counts["val"].baseline_accuracy,

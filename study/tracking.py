@@ -1,4 +1,9 @@
-"""MLflow on the driver: one parent run per study, one nested child run per trial.
+"""MLflow on the driver: every run the kit creates is created here.
+
+Training: one parent run per study (:func:`start_parent_run`), one nested child
+run per trial (:class:`TrialLogger`). Analyses (ablation, intervention,
+dissection): one finished run each (:func:`log_analysis_run`), tagged ``kind``,
+linked to the checkpoint's run and nested under its study.
 
 Only the driver writes to MLflow (sqlite locks under many writers). Trials are
 logged by :class:`TrialLogger`, a Tune callback, so a single ``study train`` and
@@ -17,12 +22,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
 from study.config import StudyConfig
+
+if TYPE_CHECKING:
+    from study.sources import Source
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # ray.tune.integration.ray_train.CHECKPOINT_PATH_KEY
 PARENT_TAG = "mlflow.parentRunId"
@@ -203,3 +212,37 @@ def ui_hint(cfg: StudyConfig) -> str:
         return f"open {uri} in a browser"
     return f"mlflow ui --backend-store-uri {uri}"
 
+
+def log_analysis_run(
+    cfg: StudyConfig,
+    source: Source,  # study.sources.Source
+    *,
+    kind: str,
+    name: str,
+    metrics: dict[str, float],
+    params: dict[str, Any],
+    files: Sequence[Path],
+    tags: dict[str, str] | None = None,
+) -> str:
+    """One finished MLflow run with ``files`` as artifacts, linked to the checkpoint's run and its study."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    c = client(cfg)
+    tags = {"kind": kind, "checkpoint": source.ref, "checkpoint_sha256": source.fingerprint,
+            "git_commit": git_commit(), "command": " ".join(sys.argv), **(tags or {})}
+    if source.run_id:
+        tags["source_run_id"] = source.run_id
+    if source.parent_run_id:
+        tags[PARENT_TAG] = source.parent_run_id
+    run_id = c.create_run(experiment_id(cfg), run_name=name, tags=tags).info.run_id
+    flat = {**flatten(cfg.dump()), **params}
+    c.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
+        params=[Param(k, str(v)[:6000]) for k, v in flat.items()],
+        tags=[RunTag("mlflow.note.content", f"{kind} of checkpoint {source.ref}")],
+    )
+    for f in files:
+        c.log_artifact(run_id, str(f))
+    c.set_terminated(run_id, "FINISHED")
+    return run_id

@@ -14,14 +14,16 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import study.intervene as intervene_module
 from analysis.ablation import ablate_units, ablate_units_naive
 from analysis.evaluation import model_from_state_dict
 from analysis.intervention import run_table1
-import study.intervene as intervene_module
-from study.ablate import ablate, prepare, report_split, run_ablation, validation_split
+from study.ablate import ablate, run_ablation
 from study.cli import main
 from study.config import load_config
+from study.fanout import report_split, validation_split
 from study.intervene import run_intervention
+from study.sources import prepare
 from trainables.checkpoint import checkpoint_dict, save_checkpoint
 from trainables.data import MEAN_STD, DeviceLoader, load_arrays, train_val_split
 from trainables.models import vgg16
@@ -328,9 +330,42 @@ def test_bad_inputs_give_one_clear_error_line(setup, tmp_path, capsys, case, nee
 
 
 def test_gpu_tasks_own_their_gpu_and_cpu_tasks_reuse_workers(ray_cluster):
-    from study.ablate import remote_function, shard_task
+    from study.ablate import ablation_task
+    from study.fanout import remote_function
 
-    on_gpu, on_cpu = remote_function(shard_task, 0.25), remote_function(shard_task, 0.0)
+    on_gpu, on_cpu = remote_function(ablation_task, 0.25), remote_function(ablation_task, 0.0)
     assert on_gpu._default_options["max_calls"] == 1, "a GPU task's worker exits after it"
     assert on_cpu._default_options.get("max_calls", 0) == 0, "0 / unset: CPU workers are reused"
-    assert remote_function(shard_task, 0.5) is on_gpu, "declared once"
+    assert remote_function(ablation_task, 0.5) is on_gpu, "declared once"
+
+
+def test_dissection_parts_are_resumable_and_equal_the_single_process_dissection(setup):
+    """A rerun reuses every saved part; with one IoU part deleted it recomputes that part only (its pass-1
+    activations are gone, so the task runs the network again), and the counts equal one in-process pass."""
+    from analysis.concepts import concept_batches
+    from analysis.dissection import dissect_layer
+    from study.dissect import concept_data, run_dissection
+
+    sets = [*setup["sets"], "dissection.num_images=64", "dissection.image_size=32"]
+    out = setup["tmp"] / "dissect"
+    first = run_dissection(str(setup["path"]), overrides=sets, out=out, num_shards=2, quiet=True)
+    assert first.computed == first.num_tasks == 4
+    again = run_dissection(str(setup["path"]), overrides=sets, out=out, num_shards=2, quiet=True)
+    assert again.computed == 0
+    (part,) = list(out.glob("parts/dissection-*/iou-shard001.pt"))
+    part.unlink()
+    resumed = run_dissection(str(setup["path"]), overrides=sets, out=out, quiet=True)  # plan.json keeps 2 shards
+    assert resumed.computed == 1
+
+    cfg = prepare(str(setup["path"]), None, sets, layer=None, units=None, workdir=setup["tmp"])[0]
+    data = concept_data(cfg)
+    model = model_from_state_dict(torch.load(setup["path"], weights_only=True), device="cpu")
+    batches = [b for lo, hi in ((0, 32), (32, 64)) for b in concept_batches(
+        data, torch.arange(lo, hi), batch_size=256, mean_std=MEAN_STD[cfg.data.name])]
+    reference = dissect_layer(model, "conv5_3", batches, data.concepts, device="cpu", quantile=cfg.dissection.quantile,
+                              iou_threshold=cfg.dissection.iou_threshold)
+    for result in (first, resumed):
+        assert torch.equal(result.counts.thresholds, reference.counts.thresholds)
+        assert torch.equal(result.counts.intersection, reference.counts.intersection)
+        assert torch.equal(result.counts.unit_area, reference.counts.unit_area)
+        assert result.units["label"].tolist() == reference.units["label"].tolist()

@@ -13,7 +13,6 @@ from trainables.focused_dropout import FocusedDropout, focused_dropout, focused_
 from trainables.models import vgg16
 from trainables.regularizers import build_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -18,6 +18,7 @@ from trainables.errors import ConfigError
 __all__ = [
     "AblationConfig", "DataConfig", "DissectionConfig", "DropoutConfig", "FocusedDropoutConfig",
     "GradientPenaltyConfig", "ModelConfig", "RegularizationConfig", "Section", "TrainConfig", "WorkerConfig",
+    "WorkerSections",
     "as_section",
 ]
 
@@ -118,10 +119,8 @@ class DissectionConfig(Section):
     image_size: int | None = Field(None, ge=8, le=1024)  # shapes concepts: px of the dissection images (default data.image_size)
 
 
-class WorkerConfig(BaseModel):
-    """The sections a worker reads, rebuilt once from the driver's validated dump (other sections ignored)."""
-
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+class WorkerSections(Section):
+    """The sections workers read; :class:`study.config.StudyConfig` adds the driver's (sweep, tracking, ray)."""
 
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -129,6 +128,13 @@ class WorkerConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     ablation: AblationConfig = Field(default_factory=AblationConfig)
     dissection: DissectionConfig = Field(default_factory=DissectionConfig)
+
+
+class WorkerConfig(WorkerSections):
+    """The sections a worker reads, rebuilt once from the driver's validated dump (other sections ignored)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
     num_classes: int | None = None  # the driver's resolved class count (model.num_classes or the dataset's)
 
     @classmethod

@@ -42,7 +42,6 @@ from trainables.datasets import (  # the registry; NUM_CLASSES / MEAN_STD are de
 )
 from trainables.errors import DataError
 from trainables.shapes import (  # the generated dataset, kept importable from here
-    _RGB,  # noqa: F401
     CATEGORIES,
     COLOURS,
     CONCEPTS,
@@ -50,7 +49,6 @@ from trainables.shapes import (  # the generated dataset, kept importable from h
     SHAPES_CLASSES,
     TEXTURES,
     ShapesData,
-    _shape_masks,  # noqa: F401
     make_shapes,
 )
 

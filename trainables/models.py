@@ -47,7 +47,7 @@ CONV_NAMES = tuple(
 _HEAD_NAMES = ("fc6", "relu6", "drop6", "fc7", "relu7", "drop7", "fc8")
 
 
-def _scaled(channels: int, width: float) -> int:
+def scaled_width(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
@@ -107,7 +107,7 @@ def vgg16(
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}")
     num_classes = NUM_CLASSES[variant] if num_classes is None else num_classes
-    cfg = [v if v == "M" else _scaled(v, width) for v in cfgs["D"]]
+    cfg = [v if v == "M" else scaled_width(v, width) for v in cfgs["D"]]
     trunk = make_layers(cfg, batch_norm=batch_norm)
     layers: list[tuple[str, nn.Module]] = []
     for name, module in zip(_trunk_names(batch_norm), trunk, strict=True):
@@ -117,11 +117,11 @@ def vgg16(
 
     c5 = cfg[-2]
     if variant == "places365":
-        hidden = _scaled(4096, width)
+        hidden = scaled_width(4096, width)
         layers += [("avgpool", nn.AdaptiveAvgPool2d((7, 7))), ("flatten", nn.Flatten(1))]
         in_features = c5 * 7 * 7
     else:
-        hidden = _scaled(512, width)
+        hidden = scaled_width(512, width)
         layers += [("flatten", nn.Flatten(1))]
         in_features = c5  # pool5 leaves 1x1 at 32 px
     layers += [
@@ -204,7 +204,7 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict:
     found = [state_dict[f"{n}.weight"].shape[0] for n in CONV_NAMES if f"{n}.weight" in state_dict]
     width = conv1.shape[0] / 64
     for c, f in sorted(zip(channels, found), reverse=True):
-        if all(_scaled(v, f / c) == got for v, got in zip(channels, found)):
+        if all(scaled_width(v, f / c) == got for v, got in zip(channels, found)):
             width = f / c
             break
     return {
