@@ -14,7 +14,7 @@ files these functions return (:mod:`study.tracking`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -43,8 +43,9 @@ def _save(fig, path: Path, **kw) -> Path:
     return path
 
 
-def ablation_figures(counts: AblationCounts, out_dir: Path) -> list[Path]:
-    """Per-unit overall accuracy change, sorted; and the units x classes heatmap of change."""
+def ablation_figures(counts: AblationCounts, out_dir: Path, class_names: Sequence[str] | None = None) -> list[Path]:
+    """Per-unit overall accuracy change, sorted; and the units x classes heatmap of change (classes named
+    when ``class_names`` is given and there are at most 50 of them)."""
     plt = _pyplot()
     ranked = rank_units(counts)
     change = ranked["change"].to_numpy() * 100
@@ -67,6 +68,8 @@ def ablation_figures(counts: AblationCounts, out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(max(5, min(16, 0.05 * delta.shape[1] + 4)), 6))
     im = ax.imshow(delta, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
     ax.set_xlabel("class")
+    if class_names is not None and len(class_names) == delta.shape[1] and len(class_names) <= 50:
+        ax.set_xticks(range(len(class_names)), list(class_names), rotation=90, fontsize=6)
     ax.set_ylabel("unit (sorted as in unit_change.png)")
     if len(ranked) <= 64:
         ax.set_yticks(range(len(ranked)), [str(u) for u in ranked["unit"]], fontsize=5)
@@ -149,8 +152,16 @@ def optimization_history_figure(study, metric: str, out_dir: Path) -> Path:
     import optuna
 
     plt = _pyplot()
-    ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+    import warnings
+
+    from matplotlib.ticker import MaxNLocator
+
+    with warnings.catch_warnings():  # "experimental" since optuna 2.2; the figure is what we want
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = optuna.visualization.matplotlib.plot_optimization_history(study)
     ax.set_ylabel(metric)
+    ax.set_xlabel("trial (in the order Optuna proposed them)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     path = out_dir / "optimization_history.png"
     ax.figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(ax.figure)

@@ -172,27 +172,45 @@ def accuracy_figure(table: pd.DataFrame, path) -> None:
     plt.close(fig)
 
 
-def parallel_coordinates_figure(runs: pd.DataFrame, path) -> None:
-    """par_rate, dropout and lambda of every run, coloured by its test accuracy (PNG)."""
+def parallel_coordinates_figure(runs: pd.DataFrame, path, stopped: pd.DataFrame | None = None) -> None:
+    """par_rate, dropout and lambda of every run against its test accuracy (PNG).
+
+    ``runs`` (solid lines) ran every epoch; ``stopped`` (dashed), when given, were
+    stopped early (ASHA) and show their last test accuracy. Colour is test
+    accuracy (colour bar); each axis is scaled to its own range (labelled).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
+    stopped = stopped if stopped is not None else runs.iloc[0:0]
+    both = pd.concat([runs, stopped])
     axes = [("par_rate", METHOD_PARAMS[1][1]), ("dropout", METHOD_PARAMS[0][1]), ("lambda", METHOD_PARAMS[2][1])]
-    values = np.stack([runs[col].astype(float).to_numpy() for _, col in axes] +
-                      [runs["metrics.test/acc"].astype(float).to_numpy()], axis=1)  # (runs, 4)
-    lo, hi = values.min(0), values.max(0)
+
+    def column(frame: pd.DataFrame, col: str) -> np.ndarray:
+        return frame[col].astype(float).to_numpy() if col in frame else np.zeros(len(frame))
+
+    values = np.stack([column(both, col) for _, col in axes] + [column(both, "metrics.test/acc")], axis=1)
+    lo, hi = np.nanmin(values, 0), np.nanmax(values, 0)
     scaled = (values - lo) / np.where(hi > lo, hi - lo, 1)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     cmap = plt.get_cmap("viridis")
-    for row, acc in zip(scaled, scaled[:, -1]):
-        ax.plot(range(4), row, color=cmap(acc), alpha=0.8)
+    norm = matplotlib.colors.Normalize(vmin=100 * lo[-1], vmax=100 * max(hi[-1], lo[-1] + 1e-9))
+    for i, (row, acc) in enumerate(zip(scaled, values[:, -1])):
+        ax.plot(range(4), row, color=cmap(norm(100 * acc)), alpha=0.85, linestyle="-" if i < len(runs) else "--")
     ax.set_xticks(range(4), [name for name, _ in axes] + ["test/acc"])
     for i in range(4):
-        ax.annotate(f"{lo[i]:.3g}", (i, 0), textcoords="offset points", xytext=(2, -12), fontsize=7)
-        ax.annotate(f"{hi[i]:.3g}", (i, 1), textcoords="offset points", xytext=(2, 4), fontsize=7)
+        unit = 100 if i == 3 else 1
+        ax.annotate(f"{unit * lo[i]:.3g}", (i, 0), textcoords="offset points", xytext=(2, -12), fontsize=7)
+        ax.annotate(f"{unit * hi[i]:.3g}", (i, 1), textcoords="offset points", xytext=(2, 4), fontsize=7)
     ax.set_yticks([])
-    ax.set_title("Regularizer settings vs test accuracy")
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="test accuracy (%)")
+    handles = [Line2D([], [], color="grey", label=f"ran every epoch ({len(runs)})")]
+    if len(stopped):
+        handles.append(Line2D([], [], color="grey", linestyle="--", label=f"stopped early, last epoch ({len(stopped)})"))
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+    ax.set_title(f"Regularizer settings vs test accuracy ({len(both)} trials; each axis spans its own range)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -1,8 +1,9 @@
 """GPU check: run before a sweep on one GPU node (or any bare CUDA box).
 
-Needs torch and this project's worker-side modules only (``trainables``,
-``analysis``): no Ray, MLflow, Optuna or pydantic is imported, so it runs where
-the project's wheels are not installed. Each check runs on the device as a sweep
+Needs torch, pydantic (the workers' typed config, :mod:`trainables.config`) and
+this project's worker-side modules (``trainables``, ``analysis``): no Ray,
+MLflow or Optuna is imported, so it runs on a box where the project itself is
+not installed (``pip install torch pydantic``, or carry pydantic's wheels). Each check runs on the device as a sweep
 would (bf16 autocast, channels_last) and is compared with the same computation
 in float32 on the CPU:
 
@@ -36,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.ablation import ablate_units  # noqa: E402
 from analysis.concepts import ShapesConcepts, concept_batches  # noqa: E402
 from analysis.dissection import dissect_layer  # noqa: E402
-from trainables.data import MEAN_STD, DeviceLoader, make_shapes  # noqa: E402
 from trainables.config import WorkerConfig  # noqa: E402
+from trainables.data import MEAN_STD, DeviceLoader, make_shapes  # noqa: E402
 from trainables.regularizers import batch_loss, build_model  # noqa: E402
 
 REGULARIZERS = {

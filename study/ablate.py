@@ -162,7 +162,7 @@ def write_ablation_outputs(counts: AblationCounts, cfg: StudyConfig, out_dir: Pa
     tidy.to_csv(files[1], index=False)
     rank_units(counts).to_csv(files[2], index=False)
     rank_units_per_class(counts, cfg.ablation.top_k, names).to_csv(files[3], index=False)
-    return files + ablation_figures(counts, out_dir)
+    return files + ablation_figures(counts, out_dir, names)
 
 
 # --------------------------------------------------------------------------- study ablate
@@ -209,17 +209,19 @@ def ablate(
     ranked = rank_units(counts)
     baseline = float(counts.baseline_correct.sum()) / counts.num_images
     pairs, differ = done.precision
-    metrics = {"test/baseline_acc": baseline, "test/best_unit_change": float(ranked["change"].min()),
-               "test/worst_unit_change": float(ranked["change"].max()),
-               "test/significant_units": int(ranked["significant"].sum())}
+    metrics = {"ablation/baseline_acc": baseline, "ablation/best_unit_change": float(ranked["change"].min()),
+               "ablation/worst_unit_change": float(ranked["change"].max()),
+               "ablation/significant_units": int(ranked["significant"].sum())}
     if pairs:
-        metrics.update({"precision/pairs_checked": pairs, "precision/pairs_differ": differ})
+        metrics.update({"ablation/precision_pairs_checked": pairs, "ablation/precision_pairs_differ": differ})
     run_id = log_analysis_run(
-        cfg, source, kind="ablation", name=f"ablation-{cfg.ablation.layer}-{source.name}",
-        metrics=metrics,
+        cfg, source, kind="ablation", metrics=metrics,
         params={"ablation.num_units": len(units), "ablation.num_images": counts.num_images,
                 "ablation.tasks": len(done.results)},
         files=files,
+        summary=f"Each of the {len(units)} {cfg.ablation.layer} units removed in turn on {counts.num_images} test "
+                f"images; ablation/*_change are accuracy changes against ablation/baseline_acc (fractions); "
+                f"units_ranked.csv has each unit's exact McNemar p and BH q.",
     )
     return AblationResult(counts, ranked, out_dir, files, run_id, source, done, cfg)
 

@@ -71,7 +71,8 @@ def train_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         f"MLflow parent run {result.parent_run_id}, trial run {trial['run_id']}"
     )
     typer.echo(f"checkpoint: {trial['checkpoint_path']}")
-    typer.echo(f"see the runs: {ui_hint(cfg)}")
+    typer.echo(f"see the trial: {ui_hint(cfg, trial['run_id'])}" if trial["run_id"]
+               else f"see the runs: {ui_hint(cfg)}")
 
 
 @app.command("sweep")
@@ -100,7 +101,8 @@ def sweep_cmd(
     for t in result.trials:
         if t["error"]:
             typer.echo(f"  trial {t['trial_id']} failed: {t['error']}", err=True)
-    typer.echo(f"see the runs: {ui_hint(cfg)}")
+    typer.echo(f"see the study: {ui_hint(cfg, result.parent_run_id)}")
+    typer.echo(f"compare its trials: {ui_hint(cfg)}")
 
 
 CheckpointArg = Annotated[
@@ -126,7 +128,7 @@ def ablate_cmd(
     result = run_ablation(checkpoint, config, set_, layer=layer, units=units, out=out)
     for line in ablation_summary(result):
         typer.echo(line)
-    typer.echo(f"see the run: {ui_hint(result.cfg)}")
+    typer.echo(f"see the run: {ui_hint(result.cfg, result.run_id)}")
 
 
 @app.command("intervene")
@@ -148,7 +150,7 @@ def intervene_cmd(
                               out=out)
     for line in intervention_summary(result):
         typer.echo(line)
-    typer.echo(f"see the run: {ui_hint(result.cfg)}")
+    typer.echo(f"see the run: {ui_hint(result.cfg, result.run_id)}")
 
 
 @app.command("report")
@@ -162,6 +164,7 @@ def report_cmd(
     from analysis.tables import TABLE2_CAPTION
     from study.config import load_config
     from study.report import report
+    from study.tracking import ui_hint
 
     cfg = load_config(config, set_)
     r = report(cfg, experiment, out)
@@ -173,6 +176,8 @@ def report_cmd(
     if r.excluded:
         typer.echo("left out: " + ", ".join(f"{n} trial run(s) {why.replace('_', ' ')}" for why, n in r.excluded.items()))
     typer.echo(f"written to {r.out_dir}" + (f"; logged to MLflow run {r.logged_to}" if r.logged_to else ""))
+    if r.logged_to:
+        typer.echo(f"see it: {ui_hint(cfg, r.logged_to)}")
 
 
 @app.command("quickstart")
@@ -199,7 +204,7 @@ def dissect_cmd(
     result = run_dissection(checkpoint, config, set_, layer=layer, out=out)
     for line in dissection_summary(result):
         typer.echo(line)
-    typer.echo(f"see the run: {ui_hint(result.cfg)}")
+    typer.echo(f"see the run: {ui_hint(result.cfg, result.run_id)}")
 
 
 def quiet_libraries() -> None:

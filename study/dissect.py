@@ -249,10 +249,12 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     metrics["dissection/detectors_near_ceiling"] = float((det["iou_to_ceiling"] >= 0.8).sum())
     computed = len(first.computed) + len(second.computed)
     run_id = log_analysis_run(
-        cfg, source, kind="dissection", name=f"dissection-{d.layer}-{source.name}", metrics=metrics,
+        cfg, source, kind="dissection", metrics=metrics,
         params={"dissection.images": n, "dissection.tasks": 2 * len(shards),
                 "dissection.map_size": f"{layer_map[0]}x{layer_map[1]}"},
-        files=files, tags={"coarse_map": warning} if warning else None)
+        files=files, tags={"coarse_map": warning} if warning else None,
+        summary=f"Network dissection of {d.layer} ({layer_map[0]}x{layer_map[1]} map) on {n} {d.concepts} images: "
+                f"units.csv, Figure 1 (detectors per concept) and Figure 3 (top images).")
     return DissectionResult(units, top, counts, out_dir, files, run_id, source, 2 * len(shards), cfg, layer_map,
                             warning, computed)
 

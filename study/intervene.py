@@ -206,16 +206,18 @@ def intervene(
     )
     rank_units(ablation).to_csv(files[2], index=False)
     run_id = log_analysis_run(
-        cfg, source, kind="intervention", name=f"intervention-{layer}-{source.name}",
-        metrics={"test/baseline_acc": counts["test"].baseline_accuracy,
-                 "val/baseline_acc": counts["val"].baseline_accuracy,
-                 "test/best_intervention_change": float(table["change"].max()),
-                 "test/significant_rows": int(table["significant"].sum())},
+        cfg, source, kind="intervention",
+        metrics={"intervention/test_baseline_acc": counts["test"].baseline_accuracy,
+                 "intervention/val_baseline_acc": counts["val"].baseline_accuracy,
+                 "intervention/best_test_change": float(table["change"].max()),
+                 "intervention/significant_rows": int(table["significant"].sum())},
         params={"intervention.worst_units": " ".join(map(str, worst)),
                 "intervention.best_units": " ".join(map(str, best)),
                 "intervention.selection_images": selection.num_images,
                 "intervention.report_images": report.num_images},
         files=files,
+        summary=f"Table 1: the worst and best {k} {layer} units, selected on {selection.num_images} validation "
+                f"images, damped or boosted; test accuracy on {report.num_images} test images (table1.md).",
     )
     return InterventionResult(table, ablation, counts["test"], counts["val"], worst, best, out_dir, files,
                               run_id, source, fans, cfg)

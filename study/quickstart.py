@@ -68,6 +68,6 @@ def quickstart(
     echo(r.markdown)
     if r.excluded:
         echo("left out: " + ", ".join(f"{n} trial run(s) {why.replace('_', ' ')}" for why, n in r.excluded.items()))
-    echo(f"quickstart finished in {time.perf_counter() - t0:.0f} s; see every run: {ui_hint(cfg)}")
+    echo(f"quickstart finished in {time.perf_counter() - t0:.0f} s; compare the runs: {ui_hint(cfg)}")
     return {"sweep": swept, "best": best, "ablation": ablated, "intervention": intervened, "dissection": dissected,
             "report": r}

@@ -68,7 +68,8 @@ def report(cfg: StudyConfig, experiment: str | None = None, out_dir: str | Path 
     (out / "table2.md").write_text(markdown + "\n")
     table.to_csv(out / "table2.csv", index=False)
     accuracy_figure(table, out / "test_accuracy_per_method.png")
-    parallel_coordinates_figure(done, out / "regularizers_parallel_coordinates.png")
+    stopped = trials[(trials.get("tags.status") == "stopped_early")] if len(trials) else trials
+    parallel_coordinates_figure(done, out / "regularizers_parallel_coordinates.png", stopped)
 
     from study.tracking import client
 

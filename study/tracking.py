@@ -56,12 +56,45 @@ def client(cfg: StudyConfig):
     return MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI opens the runs table, not traces
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a sqlite store (``<db folder>/mlruns``), not the cwd.
+
+    MLflow's default for a file or sqlite store is ``./mlruns`` of whatever
+    directory the process runs in; a server (``http://``) decides for itself (None).
+    """
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent / "mlruns")
+    return None
+
+
 def experiment_id(cfg: StudyConfig) -> str:
     c = client(cfg)
     exp = c.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    return c.create_experiment(cfg.tracking.experiment)
+    if exp is None:
+        return c.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root(cfg.tracking.mlflow_uri),
+                                   tags=dict([EXPERIMENT_KIND]))
+    if exp.tags.get(EXPERIMENT_KIND[0]) is None:
+        c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def ui_base(cfg: StudyConfig) -> str:
+    """The UI's address: the tracking server itself, or what ``mlflow ui`` serves by default."""
+    uri = cfg.tracking.mlflow_uri
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def run_url(cfg: StudyConfig, run_id: str, experiment: str | None = None) -> str:
+    """The direct link to a run's page in the MLflow UI."""
+    return f"{ui_base(cfg)}/#/experiments/{experiment or experiment_id(cfg)}/runs/{run_id}"
+
+
+def runs_url(cfg: StudyConfig) -> str:
+    """The experiment's runs table (the machine-learning view, not MLflow 3's GenAI traces overview)."""
+    return f"{ui_base(cfg)}/#/experiments/{experiment_id(cfg)}/runs?workflowType=machine_learning"
 
 
 def git_commit() -> str:
@@ -73,12 +106,71 @@ def git_commit() -> str:
         return "unknown"
 
 
+def provenance_tags(kind: str) -> dict[str, str]:
+    """What every run carries: its kind, the code's git commit (MLflow's own tag too, shown in the UI) and command."""
+    commit = git_commit()
+    return {"kind": kind, "git_commit": commit, "mlflow.source.git.commit": commit, "command": " ".join(sys.argv)}
+
+
+# The sections that define a trained model; a run's params hold these (dotted keys) and nothing else, so the
+# runs table is not 130 columns of sweep, ray, ablation and dissection settings. The whole config is config.yaml.
+MODEL_SECTIONS = ("data", "model", "regularization", "train")
+
+
+def model_params(dump: dict[str, Any]) -> dict[str, Any]:
+    return flatten({k: dump[k] for k in MODEL_SECTIONS if k in dump})
+
+
+def short_keys(paths: list[str]) -> dict[str, str]:
+    """Readable column names for swept paths: the last part (``par_rate``, ``lambda``), two parts where the
+    last is ambiguous (``dropout.rate``), the whole path where even that collides."""
+    out: dict[str, str] = {}
+    for path in paths:
+        parts = path.split(".")
+        for n in range(1, len(parts) + 1):
+            key = ".".join(parts[-n:])
+            clash = any(other != path and other.split(".")[-n:] == parts[-n:] for other in paths)
+            if not clash and (n > 1 or parts[-1] not in ("rate", "seed", "h", "type", "name", "root")):
+                break
+        out[path] = key
+    return out
+
+
+def swept_paths(cfg: StudyConfig) -> list[str]:
+    """The config paths a study varies (search space, grid, methods' overrides, seeds)."""
+    paths = list(cfg.sweep.space) + list(cfg.sweep.grid)
+    for overrides in cfg.sweep.methods.values():
+        paths += [p for p in overrides if p not in paths]
+    if cfg.sweep.seeds and "train.seed" not in paths:
+        paths.append("train.seed")
+    return paths
+
+
+def log_config_yaml(c, run_id: str, dump: dict[str, Any], name: str = "config.yaml") -> None:
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(yaml.safe_dump(dump, sort_keys=False))
+        c.log_artifact(run_id, str(path))
+
+
 def start_parent_run(cfg: StudyConfig, kind: str, name: str, tags: dict[str, str] | None = None) -> str:
-    """Create the study's parent run; returns its id."""
+    """Create the study's parent run (tag ``kind=study``); returns its id."""
     c = client(cfg)
-    all_tags = {"study.kind": kind, "git_commit": git_commit(), "command": " ".join(sys.argv), **(tags or {})}
+    swept = ", ".join(short_keys(swept_paths(cfg)).values()) or "nothing (one training run)"
+    all_tags = {**provenance_tags("study"), "study.kind": kind, **(tags or {}),
+                "mlflow.note.content": f"A {kind} of {cfg.sweep.num_samples if kind == 'sweep' else 1} trial(s) "
+                                       f"varying {swept}; chosen on {cfg.sweep.metric}. Its trials are the nested "
+                                       "runs (kind=trial); the whole config is config.yaml."}
     run = c.create_run(experiment_id(cfg), run_name=name, tags=all_tags)
-    c.log_batch(run.info.run_id, params=_params(flatten(cfg.dump())))
+    sweep = {f"sweep.{k}": v for k, v in (("num_samples", cfg.sweep.num_samples), ("scheduler", cfg.sweep.scheduler),
+                                          ("metric", cfg.sweep.metric))} if kind == "sweep" else {}
+    fixed = {k: v for k, v in model_params(cfg.dump()).items() if k not in swept_paths(cfg)}  # trials vary the rest
+    c.log_batch(run.info.run_id, params=_params({**fixed, **sweep}))
+    log_config_yaml(c, run.info.run_id, cfg.dump())
     return run.info.run_id
 
 
@@ -106,7 +198,17 @@ def is_metric(key: str, value: Any) -> bool:
 
 
 class TrialLogger(Callback):
-    """Tune callback: trial runs in MLflow nested under ``parent_run_id``, plus a progress line per epoch."""
+    """Tune callback: trial runs in MLflow nested under ``parent_run_id``, plus a progress line per epoch.
+
+    A trial run: tags ``kind=trial``, ``trial_id``, ``status``, ``method``, the git
+    commit; params: the swept values under short keys (``par_rate``,
+    ``dropout.rate``, ``lambda``) and the model-defining sections (data, model,
+    regularization, train) under dotted keys; the whole resolved config as
+    ``config.yaml``; the dataset as an MLflow input; per epoch (``step`` = epoch,
+    from 1) every ``split/name`` metric and ``epochs_completed``; at the end
+    ``best/val_acc``, ``best/epoch``, ``best/test_acc`` (at the best val epoch),
+    ``final/val_acc``, ``final/test_acc``.
+    """
 
     def __init__(self, cfg: StudyConfig, parent_run_id: str, resolve, quiet: bool = False):
         self.cfg, self.parent_run_id, self.resolve, self.quiet = cfg, parent_run_id, resolve, quiet
@@ -142,47 +244,105 @@ class TrialLogger(Callback):
             history = self.client.get_metric_history(run_id, "test/acc")
             self.logged[trial.trial_id] = {m.step for m in history}
         else:
-            resolved = self.resolve(trial.config)
-            self._epochs[trial.trial_id] = resolved["train"]["epochs"]
-            tags = {PARENT_TAG: self.parent_run_id, "trial_id": trial.trial_id, "status": "running"}
-            method = (trial.config.get("search") or {}).get("method")
-            if method is not None:
-                tags["method"] = str(method)
-            run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}", tags=tags)
-            run_id = run.info.run_id
-            self.client.log_batch(run_id, params=_params(flatten(resolved)))
+            run_id = self._create_trial_run(trial)
             self.logged[trial.trial_id] = set()
         self.runs[trial.trial_id] = run_id
         return run_id
+
+    def _create_trial_run(self, trial) -> str:
+        resolved = self.resolve(trial.config)
+        self._epochs[trial.trial_id] = resolved["train"]["epochs"]
+        search = dict(trial.config.get("search") or {})
+        method = search.pop("method", None)
+        short = short_keys(list(search))
+        values = {short[path]: value for path, value in search.items()}
+        described = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in values.items())
+        tags = {PARENT_TAG: self.parent_run_id, **provenance_tags("trial"), "trial_id": trial.trial_id,
+                "status": "running",
+                "mlflow.note.content": f"Trial {trial.trial_id}" + (f" of method {method}" if method else "")
+                                       + (f": {described}" if described else "") + ". The resolved config is "
+                                       "config.yaml; the checkpoint is under checkpoint/."}
+        if method is not None:
+            tags["method"] = str(method)
+            values["method"] = method
+        run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}", tags=tags).info.run_id
+        self.client.log_batch(run_id, params=_params({**values, **model_params(resolved)}))
+        log_config_yaml(self.client, run_id, resolved)
+        self._log_dataset(run_id, resolved["data"])
+        return run_id
+
+    def _log_dataset(self, run_id: str, data: dict[str, Any]) -> None:
+        import hashlib
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        from trainables.datasets import dataset_spec
+
+        source_type, source = dataset_spec(data["name"]).source(data)
+        spec = json.dumps({k: data[k] for k in ("name", "root", "num_train", "num_test", "seed", "val_fraction",
+                                                "image_size")}, sort_keys=True)
+        dataset = Dataset(name=data["name"], digest=hashlib.sha256(spec.encode()).hexdigest()[:8],
+                          source_type=source_type, source=json.dumps(source),
+                          profile=json.dumps({"val_fraction": data["val_fraction"], "split_seed": data["seed"]}))
+        self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
     def _trial_epochs(self, trial) -> int:
         if trial.trial_id not in self._epochs:
             self._epochs[trial.trial_id] = self.resolve(trial.config)["train"]["epochs"]
         return self._epochs[trial.trial_id]
 
+    def _summarize(self, run_id: str) -> None:
+        """``best/*`` (at the epoch of the best val/acc) and ``final/*`` metrics, read back from the run."""
+        from mlflow.entities import Metric
+
+        history = {key: {m.step: m.value for m in self.client.get_metric_history(run_id, key)}
+                   for key in ("val/acc", "test/acc")}
+        now, out = int(time.time() * 1000), []
+        for key, by_step in history.items():
+            if by_step:
+                out.append(Metric(f"final/{key.split('/')[0]}_acc", by_step[max(by_step)], now, 0))
+        if history["val/acc"]:
+            epoch = max(history["val/acc"], key=lambda s: (history["val/acc"][s], -s))  # earliest best
+            out += [Metric("best/val_acc", history["val/acc"][epoch], now, 0), Metric("best/epoch", epoch, now, 0)]
+            if epoch in history["test/acc"]:
+                out.append(Metric("best/test_acc", history["test/acc"][epoch], now, 0))
+        if out:
+            self.client.log_batch(run_id, metrics=out)
+
     # -- Tune hooks (driver side)
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_for(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, Param
 
         run_id = self._run_for(trial)
-        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        epoch = int(result.get("epoch", result.get("training_iteration", 1) - 1))
+        step = epoch + 1  # the console's "epoch 3/10" is step 3
         if CHECKPOINT_PATH_KEY in result:
             self.checkpoints[trial.trial_id] = result[CHECKPOINT_PATH_KEY]
-        if epoch in self.logged[trial.trial_id]:
+        if step in self.logged[trial.trial_id]:
             return
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, epoch) for k, v in result.items() if is_metric(k, v)]
+        metrics = [Metric(k, float(v), now, step) for k, v in result.items()
+                   if is_metric(k, v) and not k.endswith("/images")]
+        metrics.append(Metric("epochs_completed", step, now, step))
         self.client.log_batch(run_id, metrics=metrics)
-        self.logged[trial.trial_id].add(epoch)
+        if not self.logged[trial.trial_id]:  # constant per trial: params, not charts
+            sizes = [Param(f"{k.split('/')[0]}_images", str(int(v))) for k, v in result.items()
+                     if k.endswith("/images") and is_metric(k, v)]
+            try:
+                self.client.log_batch(run_id, params=sizes)
+            except Exception:  # logged before a resume: MLflow refuses a param written twice
+                pass
+        self.logged[trial.trial_id].add(step)
         if not self.quiet:
             epochs = self._trial_epochs(trial)
             pen = f"  penalty {result['train/penalty']:.4f}" if result.get("train/penalty") else ""
             val = f"val/acc {result['val/acc']:.1%}  " if "val/acc" in result else ""
             print(
-                f"[{trial.trial_id}] epoch {epoch + 1}/{epochs}  train/loss {result['train/loss']:.3f}  "
+                f"[{trial.trial_id}] epoch {step}/{epochs}  train/loss {result['train/loss']:.3f}  "
                 f"train/acc {result['train/acc']:.1%}  {val}test/acc {result['test/acc']:.1%}{pen}  "
                 f"{result['time/epoch_s']:.1f} s ({result['time/images_per_s']:.0f} img/s)",
                 flush=True,
@@ -197,20 +357,43 @@ class TrialLogger(Callback):
                 self.client.log_artifacts(run_id, path, artifact_path="checkpoint")
         epochs = self._trial_epochs(trial)
         stopped_early = len(self.logged.get(trial.trial_id, ())) < epochs
+        self._summarize(run_id)
         self.client.set_tag(run_id, "status", "stopped_early" if stopped_early else "finished")
         self.client.set_terminated(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
+        self._summarize(run_id)
         self.client.set_tag(run_id, "status", "failed")
         self.client.set_terminated(run_id, "FAILED")
 
 
-def ui_hint(cfg: StudyConfig) -> str:
+def ui_hint(cfg: StudyConfig, run_id: str | None = None) -> str:
+    """The UI link of ``run_id`` (or of the experiment's runs table), with how to start a local UI."""
+    url = run_url(cfg, run_id) if run_id else runs_url(cfg)
     uri = cfg.tracking.mlflow_uri
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}"
+        return url
+    return f"{url}  (start the UI first: mlflow ui --backend-store-uri {uri})"
+
+
+def source_params(cfg: StudyConfig, source: Source) -> tuple[dict[str, str], str | None]:
+    """(the trained model's params, its trial id) for an analysis of ``source``.
+
+    The source trial run's own params when the run is in this store (so an
+    ablation shows the par_rate its checkpoint was trained with, not the
+    analysis config's); else the checkpoint's own config; else none.
+    """
+    if source.run_id:
+        try:
+            run = client(cfg).get_run(source.run_id)
+        except Exception:  # another store: fall back to the checkpoint's config
+            run = None
+        if run is not None:
+            return dict(run.data.params), run.data.tags.get("trial_id")
+    if source.config:
+        return {k: str(v) for k, v in model_params(source.config).items()}, None
+    return {}, None
 
 
 def log_analysis_run(
@@ -218,30 +401,45 @@ def log_analysis_run(
     source: Source,  # study.sources.Source
     *,
     kind: str,
-    name: str,
     metrics: dict[str, float],
     params: dict[str, Any],
     files: Sequence[Path],
     tags: dict[str, str] | None = None,
+    summary: str = "",
 ) -> str:
-    """One finished MLflow run with ``files`` as artifacts, linked to the checkpoint's run and its study."""
-    from mlflow.entities import Metric, Param, RunTag
+    """One finished MLflow run (``kind`` = ablation | intervention | dissection) with ``files`` as artifacts.
+
+    Nested under the trial run that trained the checkpoint (tag ``source_run_id``;
+    ``study_run_id`` is that trial's study), named after it (``ablation of
+    trial-1a2b3c4d``), carrying that trial's hyperparameters (:func:`source_params`)
+    plus this analysis's own settings (``params``, ``<kind>.*``); its description
+    links to the source run. ``metrics`` should be prefixed ``<kind>/``.
+    """
+    from mlflow.entities import Metric, RunTag
 
     c = client(cfg)
-    tags = {"kind": kind, "checkpoint": source.ref, "checkpoint_sha256": source.fingerprint,
-            "git_commit": git_commit(), "command": " ".join(sys.argv), **(tags or {})}
+    exp = experiment_id(cfg)
+    trained, trial_id = source_params(cfg, source)
+    of = f"trial-{trial_id}" if trial_id else source.name
+    tags = {**provenance_tags(kind), "checkpoint": source.ref, "checkpoint_sha256": source.fingerprint,
+            **(tags or {})}
+    link = f"checkpoint `{source.ref}`"
     if source.run_id:
         tags["source_run_id"] = source.run_id
+        tags[PARENT_TAG] = source.run_id
+        link = f"the checkpoint of [{of}](#/experiments/{exp}/runs/{source.run_id})"
     if source.parent_run_id:
-        tags[PARENT_TAG] = source.parent_run_id
-    run_id = c.create_run(experiment_id(cfg), run_name=name, tags=tags).info.run_id
-    flat = {**flatten(cfg.dump()), **params}
+        tags["study_run_id"] = source.parent_run_id
+    run_id = c.create_run(exp, run_name=f"{kind} of {of}", tags=tags).info.run_id
+    section = "ablation" if kind in ("ablation", "intervention") else kind
+    own = {f"{section}.{k}": v for k, v in flatten(cfg.dump()[section]).items()} if section in cfg.dump() else {}
     c.log_batch(
         run_id,
         metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
-        params=[Param(k, str(v)[:6000]) for k, v in flat.items()],
-        tags=[RunTag("mlflow.note.content", f"{kind} of checkpoint {source.ref}")],
+        params=_params({**trained, **own, **params}),
+        tags=[RunTag("mlflow.note.content", f"{kind.capitalize()} of {link}. {summary}".strip())],
     )
+    log_config_yaml(c, run_id, cfg.dump(), name=f"{kind}_config.yaml")
     for f in files:
         c.log_artifact(run_id, str(f))
     c.set_terminated(run_id, "FINISHED")

@@ -200,7 +200,7 @@ def run_trials(
         history = c.get_metric_history(runs[0].info.run_id, "test/acc") if runs and "test/acc" not in metrics else []
         if history:  # the MLflow run is the record: take its last values (a trial that failed at once has none)
             metrics.update(runs[0].data.metrics)
-            metrics["epoch"] = max(m.step for m in history)
+            metrics["epoch"] = max(m.step for m in history) - 1  # steps count epochs from 1
             metrics["checkpoint_path"] = runs[0].data.tags.get("checkpoint_uri")
         trials.append(
             {

@@ -10,6 +10,36 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Tests write only under temporary directories: the checkout's own MLflow and output folders must not grow.
+_WATCHED = ("mlruns", "mlartifacts", "outputs", "ray_results", "mlflow.db")
+
+
+def _checkout_state() -> set[str]:
+    found = set()
+    for name in _WATCHED:
+        path = ROOT / name
+        if path.is_dir():
+            found |= {str(p.relative_to(ROOT)) for p in path.rglob("*")}
+        elif path.exists():
+            found.add(f"{name}@{path.stat().st_size}")
+    return found
+
+
+def pytest_sessionstart(session):
+    session.config._checkout_before = _checkout_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_checkout_before", None)
+    if before is None or exitstatus not in (0,):
+        return
+    written = sorted(_checkout_state() - before)
+    if written:
+        print(f"\nerror: the tests wrote into the checkout ({len(written)} paths, first: {written[0]}); "
+              "tests must write only under temporary directories", file=sys.stderr)
+        session.exitstatus = 1
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -88,7 +88,7 @@ def setup(ray_cluster, tmp_path_factory):
     folder = tmp / "ray" / "train-t0" / "checkpoint_0"
     path = save_checkpoint(folder / "checkpoint.pt", checkpoint_dict(briefly_trained(cfg), epoch=6, config=cfg.dump()))
     client = MlflowClient(cfg.tracking.mlflow_uri)
-    exp = client.create_experiment("test")
+    exp = client.create_experiment("test", artifact_location=str(tmp / "mlruns"))
     parent = client.create_run(exp, run_name="train-parent").info.run_id
     trial = client.create_run(exp, run_name="trial", tags={"mlflow.parentRunId": parent,
                                                            "checkpoint_uri": str(folder)}).info.run_id
@@ -186,11 +186,14 @@ def test_outputs_have_tidy_columns_and_the_mlflow_run_links_to_the_training_run(
     run = client.get_run(first_run.run_id)
     assert run.data.tags["kind"] == "ablation"
     assert run.data.tags["source_run_id"] == setup["trial"], "found by the trial run's checkpoint_uri tag"
-    assert run.data.tags["mlflow.parentRunId"] == setup["parent"], "nests in the training study"
+    assert run.data.tags["mlflow.parentRunId"] == setup["trial"], "nests under the trial that trained it"
+    assert run.data.tags["study_run_id"] == setup["parent"], "and names that trial's study"
+    assert f"runs/{setup['trial']})" in run.data.tags["mlflow.note.content"], "the description links the source run"
     baseline = first_run.counts.baseline_correct.sum().item() / 200
-    assert run.data.metrics["test/baseline_acc"] == pytest.approx(baseline)
-    assert run.data.metrics["test/significant_units"] == ranked["significant"].sum()
-    pairs, differ = run.data.metrics["precision/pairs_checked"], run.data.metrics["precision/pairs_differ"]
+    assert run.data.metrics["ablation/baseline_acc"] == pytest.approx(baseline)
+    assert run.data.metrics["ablation/significant_units"] == ranked["significant"].sum()
+    pairs, differ = (run.data.metrics["ablation/precision_pairs_checked"],
+                     run.data.metrics["ablation/precision_pairs_differ"])
     assert pairs == UNITS * 64 and 0 <= differ <= pairs, "64 sampled images, every unit, re-checked in float64"
     logged = {a.path for a in client.list_artifacts(first_run.run_id)}
     assert {"ablation.parquet", "ablation.csv", "units_ranked.csv", "units_ranked_per_class.csv",
@@ -205,7 +208,9 @@ def test_ablate_by_run_id_downloads_the_artifact_and_prints_a_summary(setup, cap
     assert "3 units ablated" in out and "baseline accuracy" in out and "worst units" in out
     run_id = out.split("MLflow run ")[1].split()[0]
     tags = setup["client"].get_run(run_id).data.tags
-    assert tags["source_run_id"] == setup["trial"] and tags["mlflow.parentRunId"] == setup["parent"]
+    assert tags["source_run_id"] == setup["trial"] and tags["mlflow.parentRunId"] == setup["trial"]
+    assert tags["study_run_id"] == setup["parent"]
+    assert "#/experiments/" in out and f"/runs/{run_id}" in out, "the run's direct UI link is printed"
 
 
 def test_intervene_matches_single_process_table1_and_logs_it(setup, capsys):

@@ -31,10 +31,28 @@ def test_quickstart_runs_end_to_end_and_leaves_every_run_in_mlflow(ray_cluster, 
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent and r.data.tags.get("trial_id")]
     kinds = sorted(r.data.tags.get("kind", "") for r in runs if r.data.tags.get("kind"))
     assert len(trials) >= 2
-    assert kinds == ["ablation", "dissection", "intervention"]
-    assert all(r.data.tags.get("source_run_id") == out["best"]["run_id"] for r in runs if r.data.tags.get("kind"))
+    assert kinds == ["ablation", "dissection", "intervention", "study", "trial", "trial"]
+    assert all(r.data.tags.get("source_run_id") == out["best"]["run_id"] for r in runs
+               if r.data.tags.get("kind") in ("ablation", "intervention", "dissection"))
     assert {a.path for a in c.list_artifacts(parent, "report")} >= {"report/table2.md", "report/table2.csv"}
     dissection = next(r for r in runs if r.data.tags.get("kind") == "dissection")
     assert dissection.data.params["dissection.map_size"] == "7x7" and "coarse_map" not in dissection.data.tags
     assert {"units.csv", "figure1_detectors.png", "figure3_top_images.png"} <= {
         a.path for a in c.list_artifacts(dissection.info.run_id)}
+
+    # the MLflow scheme a researcher reads in the UI
+    assert c.get_experiment_by_name("qs").artifact_location == str(tmp_path / "mlruns"), "beside the store"
+    assert c.get_experiment_by_name("qs").tags["mlflow.experimentKind"] == "custom_model_development"
+    source = c.get_run(out["best"]["run_id"])
+    assert source.data.tags["kind"] == "trial" and all(r.data.tags["kind"] == "trial" for r in trials)
+    assert "dropout.rate" in source.data.params, "the swept value under a short, readable key"
+    assert source.data.metrics["epochs_completed"] == 2
+    for run in runs:
+        kind = run.data.tags.get("kind")
+        if kind in ("ablation", "intervention", "dissection"):
+            assert run.data.tags["mlflow.parentRunId"] == source.info.run_id, "nested under its source trial"
+            assert run.info.run_name == f"{kind} of trial-{source.data.tags['trial_id']}"
+            assert {k: run.data.params.get(k) for k in source.data.params} == source.data.params, \
+                "the hyperparameters its checkpoint was trained with"
+            assert all(k.startswith(f"{kind}/") for k in run.data.metrics), "its own metric prefix"
+

@@ -33,7 +33,7 @@ RUNS = [
 def seeded_store(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     c = MlflowClient(uri)
-    exp = c.create_experiment("seeded")
+    exp = c.create_experiment("seeded", artifact_location=str(tmp_path / "mlruns"))
     parent = c.create_run(exp, run_name="sweep", tags={"study.kind": "sweep"}).info.run_id
     for i, (tag, rate, par, lam, seed, train_acc, test_acc, status) in enumerate(RUNS):
         tags = {"mlflow.parentRunId": parent, "trial_id": f"t{i}", "status": status}

@@ -41,7 +41,7 @@ def test_four_trial_optuna_sweep_logs_four_children_under_one_parent(ray_cluster
                                       "regularization.gradient_penalty.lambda"))
         sampled.add(values)
         history = c.get_metric_history(run.info.run_id, "test/acc")
-        assert sorted(m.step for m in history) == [0, 1]
+        assert sorted(m.step for m in history) == [1, 2]
     assert len(sampled) == 4, "Optuna drew different values for every trial"
     parent = c.get_run(result.parent_run_id)
     best = max(result.trials, key=lambda t: t["metrics"]["val/acc"])
@@ -129,7 +129,7 @@ def test_resume_after_killing_the_driver_reruns_nothing_and_duplicates_no_run(ra
     assert len(children) == 4, "one MLflow run per trial, none duplicated"
     for run in children:
         history = c.get_metric_history(run.info.run_id, "test/acc")
-        assert sorted(m.step for m in history) == [0, 1], "every epoch once"
+        assert sorted(m.step for m in history) == [1, 2], "every epoch once"
         if run.data.tags["trial_id"] in finished_ids:
             assert run.info.end_time == finished_ids[run.data.tags["trial_id"]], "finished trials were not re-run"
 

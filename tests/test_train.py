@@ -1,5 +1,7 @@
 """Distributed training on Ray Train inside a one-trial Tune study, logged to MLflow (`study train`)."""
 
+import subprocess
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -79,9 +81,27 @@ def test_run_is_logged_as_parent_and_child_with_per_epoch_metrics_and_checkpoint
     for key in ("train/loss", "train/acc", "train/penalty", "val/loss", "val/acc", "test/loss", "test/acc",
                 "time/epoch_s"):
         history = client.get_metric_history(child.info.run_id, key)
-        assert sorted(m.step for m in history) == list(range(EPOCHS)), key
+        assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), f"{key}: step = epoch, from 1"
     artifacts = [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")]
     assert artifacts == ["checkpoint/checkpoint.pt"]
+    # what a researcher filters and reads in the MLflow UI
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    assert child.data.tags["kind"] == "trial" and parent.data.tags["kind"] == "study"
+    assert child.data.tags["mlflow.source.git.commit"] == child.data.tags["git_commit"] == (commit or "unknown")
+    metrics = child.data.metrics
+    assert metrics["epochs_completed"] == EPOCHS
+    assert not any(k.endswith("/images") for k in metrics), "constant sizes are params, not charts"
+    assert int(params["test_images"]) == int(trial["metrics"]["test/images"]) and int(params["val_images"]) > 0
+    val = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "val/acc")}
+    test = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "test/acc")}
+    best_epoch = min(e for e in val if val[e] == max(val.values()))
+    assert metrics["best/epoch"] == best_epoch and metrics["best/val_acc"] == val[best_epoch]
+    assert metrics["best/test_acc"] == test[best_epoch], "test accuracy at the epoch chosen on validation"
+    assert metrics["final/val_acc"] == val[EPOCHS] and metrics["final/test_acc"] == test[EPOCHS]
+    assert not any(k.startswith(("sweep.", "ray.", "ablation.", "dissection.", "tracking.")) for k in params)
+    assert "config.yaml" in {a.path for a in client.list_artifacts(child.info.run_id)}
+    (dataset,) = client.get_run(child.info.run_id).inputs.dataset_inputs
+    assert dataset.dataset.name == "shapes"
     assert parent.data.metrics["best/test_acc"] == pytest.approx(trial["metrics"]["test/acc"])
     assert parent.data.metrics["best/val_acc"] == pytest.approx(trial["metrics"]["val/acc"])
     assert parent.data.tags["best_chosen_on"] == "val/acc"
@@ -105,7 +125,7 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_the_uninterrupted_run
     (trial,) = result.trials
     client = MlflowClient(cfg.tracking.mlflow_uri)
     history = client.get_metric_history(trial["run_id"], "test/acc")
-    assert sorted(m.step for m in history) == list(range(EPOCHS)), "every epoch logged exactly once"
+    assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), "every epoch logged exactly once"
     resumed, reference = final_weights(trial), final_weights(result_a.trials[0])
     for key in reference:
         assert torch.allclose(resumed[key].float(), reference[key].float(), rtol=1e-4, atol=1e-5), key

@@ -121,6 +121,11 @@ class DatasetSpec:
             f"({counts.min().item()}-{counts.max().item()} train images per class), loaded in {seconds:.1f} s"
         )]
 
+    def source(self, data: DataConfig | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """(MLflow dataset source type, what identifies the files) for a run's dataset input."""
+        data = as_data_config(data)
+        return "local", {"root": data.root}
+
     def dissection_image_size(self, data: DataConfig | Mapping[str, Any]) -> int:
         """Default side in px of the generated shapes-concept images that dissect a model of this dataset."""
         return 32
@@ -147,6 +152,10 @@ class ShapesSpec(DatasetSpec):
         seed = data.seed if train else data.seed + 1
         d = make_shapes(n, data.image_size, seed)
         return d.images, d.labels
+
+    def source(self, data):
+        data = as_data_config(data)
+        return "code", {"generator": "trainables.shapes.make_shapes", "seed": data.seed, "image_size": data.image_size}
 
     def summary_lines(self, data):
         return super().summary_lines(data) + [
