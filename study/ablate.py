@@ -25,6 +25,7 @@ free slot divided among the chunks.
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,7 @@ def ablate(
     ``fail_once_dir`` (tests): every task fails on its first attempt, leaving a
     marker file there, so Ray's retries must finish the job.
     """
+    started = time.time()
     model = check_model(source, cfg)
     units = check_units(model, cfg.ablation.layer, cfg.ablation.units).tolist()
     split = report_split(cfg)
@@ -218,7 +220,7 @@ def ablate(
         cfg, source, kind="ablation", metrics=metrics,
         params={"ablation.num_units": len(units), "ablation.num_images": counts.num_images,
                 "ablation.tasks": len(done.results)},
-        files=files,
+        files=files, started=started,
         summary=f"Each of the {len(units)} {cfg.ablation.layer} units removed in turn on {counts.num_images} test "
                 f"images; ablation/*_change are accuracy changes against ablation/baseline_acc (fractions); "
                 f"units_ranked.csv has each unit's exact McNemar p and BH q.",

@@ -102,7 +102,7 @@ def sweep_cmd(
         if t["error"]:
             typer.echo(f"  trial {t['trial_id']} failed: {t['error']}", err=True)
     typer.echo(f"see the study: {ui_hint(cfg, result.parent_run_id)}")
-    typer.echo(f"compare its trials: {ui_hint(cfg)}")
+    typer.echo(f"compare its trials: {ui_hint(cfg, trials_of=result.parent_run_id)}")
 
 
 CheckpointArg = Annotated[

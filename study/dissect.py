@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +191,7 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     fixed in ``plan.json`` on the first run. A pass-2 shard whose pass-1
     activations are gone (pass 1 was resumed) recomputes them.
     """
+    started = time.time()
     d = cfg.dissection
     model = check_model(source, cfg)
     num_units(model, d.layer)  # a wrong layer name fails here, listing the valid ones, before Ray starts
@@ -252,7 +254,7 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
         cfg, source, kind="dissection", metrics=metrics,
         params={"dissection.images": n, "dissection.tasks": 2 * len(shards),
                 "dissection.map_size": f"{layer_map[0]}x{layer_map[1]}"},
-        files=files, tags={"coarse_map": warning} if warning else None,
+        files=files, tags={"coarse_map": warning} if warning else None, started=started,
         summary=f"Network dissection of {d.layer} ({layer_map[0]}x{layer_map[1]} map) on {n} {d.concepts} images: "
                 f"units.csv, Figure 1 (detectors per concept) and Figure 3 (top images).")
     return DissectionResult(units, top, counts, out_dir, files, run_id, source, 2 * len(shards), cfg, layer_map,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -173,6 +174,7 @@ def intervene(
     quiet: bool = False,
 ) -> InterventionResult:
     """Select worst/best units on the validation images, evaluate Table 1 on both splits, write and log it."""
+    started = time.time()
     model = check_model(source, cfg)
     layer, k = cfg.ablation.layer, cfg.ablation.top_k
     candidates = check_units(model, layer, cfg.ablation.units).tolist()
@@ -215,7 +217,7 @@ def intervene(
                 "intervention.best_units": " ".join(map(str, best)),
                 "intervention.selection_images": selection.num_images,
                 "intervention.report_images": report.num_images},
-        files=files,
+        files=files, started=started,
         summary=f"Table 1: the worst and best {k} {layer} units, selected on {selection.num_images} validation "
                 f"images, damped or boosted; test accuracy on {report.num_images} test images (table1.md).",
     )

@@ -68,6 +68,8 @@ def quickstart(
     echo(r.markdown)
     if r.excluded:
         echo("left out: " + ", ".join(f"{n} trial run(s) {why.replace('_', ' ')}" for why, n in r.excluded.items()))
-    echo(f"quickstart finished in {time.perf_counter() - t0:.0f} s; compare the runs: {ui_hint(cfg)}")
+    echo(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
+    echo(f"compare the sweep's trials: {ui_hint(cfg, trials_of=swept.parent_run_id)}")
+    echo(f"the best trial and its analyses: {ui_hint(cfg, best['run_id'])}")
     return {"sweep": swept, "best": best, "ablation": ablated, "intervention": intervened, "dissection": dissected,
             "report": r}

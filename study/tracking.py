@@ -19,6 +19,7 @@ every sweep trial land in MLflow the same way:
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -92,9 +93,35 @@ def run_url(cfg: StudyConfig, run_id: str, experiment: str | None = None) -> str
     return f"{ui_base(cfg)}/#/experiments/{experiment or experiment_id(cfg)}/runs/{run_id}"
 
 
-def runs_url(cfg: StudyConfig) -> str:
-    """The experiment's runs table (the machine-learning view, not MLflow 3's GenAI traces overview)."""
-    return f"{ui_base(cfg)}/#/experiments/{experiment_id(cfg)}/runs?workflowType=machine_learning"
+def runs_url(cfg: StudyConfig, view: str | None = None) -> str:
+    """The experiment's runs table (the machine-learning view, not MLflow 3's GenAI traces overview),
+    opened in the saved ``view`` (:func:`save_trials_view`) when given."""
+    url = f"{ui_base(cfg)}/#/experiments/{experiment_id(cfg)}/runs?workflowType=machine_learning"
+    return url + (f"&viewStateShareKey={view}" if view else "")
+
+
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # what the UI's "Share" button stores; ?viewStateShareKey= opens it
+
+
+def trials_view_key(parent_run_id: str) -> str:
+    return f"unitstudy-{parent_run_id[:12]}"
+
+
+def save_trials_view(cfg: StudyConfig, parent_run_id: str, swept: list[str], methods: bool = False) -> str:
+    """A shared view of one study's trials in the runs table: its trials only (flat, best val/acc first),
+    with the swept values, val/test accuracy, epochs completed and status as columns. Returns its key."""
+    def col(kind: str, key: str) -> str:
+        return f"{kind}.`{key}`"
+
+    columns = ([col("params", "method")] * methods + [col("params", k) for k in short_keys(swept).values()]
+               + [col("metrics", k) for k in ("val/acc", "test/acc", "best/val_acc", "best/test_acc",
+                                               "epochs_completed")]
+               + [col("tags", "status"), col("attributes", "Duration")])
+    state = {"searchFilter": f"tags.kind = 'trial' and tags.`{PARENT_TAG}` = '{parent_run_id}'",
+             "orderByKey": col("metrics", "val/acc"), "orderByAsc": False, "selectedColumns": columns}
+    key = trials_view_key(parent_run_id)
+    client(cfg).set_experiment_tag(experiment_id(cfg), SHARED_VIEW_TAG + key, json.dumps(state))
+    return key
 
 
 def git_commit() -> str:
@@ -109,7 +136,9 @@ def git_commit() -> str:
 def provenance_tags(kind: str) -> dict[str, str]:
     """What every run carries: its kind, the code's git commit (MLflow's own tag too, shown in the UI) and command."""
     commit = git_commit()
-    return {"kind": kind, "git_commit": commit, "mlflow.source.git.commit": commit, "command": " ".join(sys.argv)}
+    entry = " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]) if sys.argv and sys.argv[0] else "study"
+    return {"kind": kind, "git_commit": commit, "mlflow.source.git.commit": commit, "command": " ".join(sys.argv),
+            "mlflow.source.name": entry, "mlflow.source.type": "LOCAL"}
 
 
 # The sections that define a trained model; a run's params hold these (dotted keys) and nothing else, so the
@@ -166,6 +195,8 @@ def start_parent_run(cfg: StudyConfig, kind: str, name: str, tags: dict[str, str
                                        f"varying {swept}; chosen on {cfg.sweep.metric}. Its trials are the nested "
                                        "runs (kind=trial); the whole config is config.yaml."}
     run = c.create_run(experiment_id(cfg), run_name=name, tags=all_tags)
+    c.set_tag(run.info.run_id, "trials_view", save_trials_view(cfg, run.info.run_id, swept_paths(cfg),
+                                                                  bool(cfg.sweep.methods)))
     sweep = {f"sweep.{k}": v for k, v in (("num_samples", cfg.sweep.num_samples), ("scheduler", cfg.sweep.scheduler),
                                           ("metric", cfg.sweep.metric))} if kind == "sweep" else {}
     fixed = {k: v for k, v in model_params(cfg.dump()).items() if k not in swept_paths(cfg)}  # trials vary the rest
@@ -255,7 +286,9 @@ class TrialLogger(Callback):
         search = dict(trial.config.get("search") or {})
         method = search.pop("method", None)
         short = short_keys(list(search))
-        values = {short[path]: value for path, value in search.items()}
+        # readable columns: 4 significant digits (the exact value is the dotted param and config.yaml)
+        values = {short[path]: float(f"{value:.4g}") if isinstance(value, float) else value
+                  for path, value in search.items()}
         described = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in values.items())
         tags = {PARENT_TAG: self.parent_run_id, **provenance_tags("trial"), "trial_id": trial.trial_id,
                 "status": "running",
@@ -368,9 +401,11 @@ class TrialLogger(Callback):
         self.client.set_terminated(run_id, "FAILED")
 
 
-def ui_hint(cfg: StudyConfig, run_id: str | None = None) -> str:
-    """The UI link of ``run_id`` (or of the experiment's runs table), with how to start a local UI."""
-    url = run_url(cfg, run_id) if run_id else runs_url(cfg)
+def ui_hint(cfg: StudyConfig, run_id: str | None = None, *, trials_of: str | None = None) -> str:
+    """The UI link of ``run_id``, of the trials of study ``trials_of`` (its saved view), or of the
+    experiment's runs table; with how to start a local UI."""
+    url = (run_url(cfg, run_id) if run_id else runs_url(cfg, trials_view_key(trials_of)) if trials_of
+           else runs_url(cfg))
     uri = cfg.tracking.mlflow_uri
     if uri.startswith(("http://", "https://")):
         return url
@@ -406,6 +441,7 @@ def log_analysis_run(
     files: Sequence[Path],
     tags: dict[str, str] | None = None,
     summary: str = "",
+    started: float | None = None,
 ) -> str:
     """One finished MLflow run (``kind`` = ablation | intervention | dissection) with ``files`` as artifacts.
 
@@ -413,7 +449,8 @@ def log_analysis_run(
     ``study_run_id`` is that trial's study), named after it (``ablation of
     trial-1a2b3c4d``), carrying that trial's hyperparameters (:func:`source_params`)
     plus this analysis's own settings (``params``, ``<kind>.*``); its description
-    links to the source run. ``metrics`` should be prefixed ``<kind>/``.
+    links to the source run. ``metrics`` should be prefixed ``<kind>/``; ``started`` (``time.time()``
+    when the command began) makes the run's duration the analysis's.
     """
     from mlflow.entities import Metric, RunTag
 
@@ -430,7 +467,8 @@ def log_analysis_run(
         link = f"the checkpoint of [{of}](#/experiments/{exp}/runs/{source.run_id})"
     if source.parent_run_id:
         tags["study_run_id"] = source.parent_run_id
-    run_id = c.create_run(exp, run_name=f"{kind} of {of}", tags=tags).info.run_id
+    run_id = c.create_run(exp, run_name=f"{kind} of {of}", tags=tags,
+                          start_time=int(1000 * started) if started else None).info.run_id
     section = "ablation" if kind in ("ablation", "intervention") else kind
     own = {f"{section}.{k}": v for k, v in flatten(cfg.dump()[section]).items()} if section in cfg.dump() else {}
     c.log_batch(

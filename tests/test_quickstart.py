@@ -1,5 +1,7 @@
 """`study quickstart` end to end at a small scale: every step leaves its run in MLflow."""
 
+import json
+
 from mlflow.tracking import MlflowClient
 
 from study.quickstart import quickstart
@@ -55,4 +57,8 @@ def test_quickstart_runs_end_to_end_and_leaves_every_run_in_mlflow(ray_cluster, 
             assert {k: run.data.params.get(k) for k in source.data.params} == source.data.params, \
                 "the hyperparameters its checkpoint was trained with"
             assert all(k.startswith(f"{kind}/") for k in run.data.metrics), "its own metric prefix"
+    view = json.loads(c.get_experiment_by_name("qs").tags[f"mlflow.sharedViewState.unitstudy-{parent[:12]}"])
+    assert view["searchFilter"] == f"tags.kind = 'trial' and tags.`mlflow.parentRunId` = '{parent}'"
+    assert "params.`dropout.rate`" in view["selectedColumns"] and "metrics.`epochs_completed`" in view["selectedColumns"]
+    assert f"viewStateShareKey=unitstudy-{parent[:12]}" in text, "the printed link opens that view"
 
