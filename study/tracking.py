@@ -90,7 +90,7 @@ def ui_base(cfg: StudyConfig) -> str:
 
 def run_url(cfg: StudyConfig, run_id: str, experiment: str | None = None) -> str:
     """The direct link to a run's page in the MLflow UI."""
-    return f"{ui_base(cfg)}/#/experiments/{experiment or experiment_id(cfg)}/runs/{run_id}"
+    return f"{ui_base(cfg)}/#/experiments/{experiment or experiment_id(cfg)}/runs/{run_id}?workflowType=machine_learning"
 
 
 def runs_url(cfg: StudyConfig, view: str | None = None) -> str:
