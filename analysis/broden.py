@@ -81,12 +81,15 @@ class BrodenData:
     Args:
         root: the Broden directory.
         split: rows of ``index.csv`` with this ``split`` (None: all rows).
-        categories: category columns to use (default: every non-meta column).
-        max_images: keep the first ``max_images`` rows.
+        categories: category columns to use (default: every non-meta column); one that
+            ``index.csv`` lacks is an error naming the ones it has.
+        max_images: keep ``max_images`` rows: a random sample drawn with ``seed`` (kept in
+            ``index.csv`` order) when the split has more, else every row.
+        seed: the sample's seed.
     """
 
     def __init__(self, root: str | Path, split: str | None = "val", categories: list[str] | None = None,
-                 max_images: int | None = None):
+                 max_images: int | None = None, seed: int = 0):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"no Broden directory at {self.root}; set dissection.broden_root to one")
@@ -96,11 +99,16 @@ class BrodenData:
         missing = [c for c in _META if c not in rows[0]]
         if missing:
             raise DataError(f"{self.root / 'index.csv'} lacks the column(s) {missing}")
-        self.categories = categories or [c for c in rows[0] if c not in _META]
+        have = [c for c in rows[0] if c not in _META]
+        unknown = [c for c in categories or [] if c not in have]
+        if unknown:
+            raise DataError(f"{self.root / 'index.csv'} has no category column {unknown}; it has {have}")
+        self.categories = list(categories or have)
         if split is not None:
             rows = [r for r in rows if r["split"] == split]
-        if max_images is not None:
-            rows = rows[:max_images]
+        if max_images is not None and len(rows) > max_images:
+            picked = np.random.default_rng(seed).choice(len(rows), size=max_images, replace=False)
+            rows = [rows[i] for i in sorted(picked.tolist())]
         if not rows:
             raise DataError(f"{self.root / 'index.csv'} has no images of split '{split}'")
         sizes = {(int(r["ih"]), int(r["iw"]), int(r["sh"]), int(r["sw"])) for r in rows}

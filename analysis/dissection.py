@@ -135,6 +135,10 @@ class ConceptCounts:
         unit_area: (U,) int64 positions with ``a_u > t_u``.
         concept_area: (K,) int64 positions with concept c.
         positions: all positions counted (images x mask pixels).
+        category_area: (U, G) int64 or None: NetDissect-Lite's per-category denominator,
+            the unit's active positions on the images where some concept of category g
+            lies inside them (:func:`iou_pass` with ``concept_category``).
+        concept_category: (K,) int64 or None: each concept's category index in 0..G-1.
     """
 
     layer: str
@@ -143,15 +147,28 @@ class ConceptCounts:
     unit_area: torch.Tensor
     concept_area: torch.Tensor
     positions: int
+    category_area: torch.Tensor | None = None
+    concept_category: torch.Tensor | None = None
 
     def __add__(self, other: ConceptCounts) -> ConceptCounts:
         if self.layer != other.layer or self.intersection.shape != other.intersection.shape:
             raise ConfigError("cannot merge concept counts of different layers or concept sets")
         if not torch.equal(self.thresholds, other.thresholds):
             raise ConfigError("cannot merge concept counts computed with different thresholds")
+        if (self.category_area is None) != (other.category_area is None):
+            raise ConfigError("cannot merge concept counts with and without per-category unit areas")
+        cat = None if self.category_area is None else self.category_area + other.category_area
         return ConceptCounts(self.layer, self.thresholds, self.intersection + other.intersection,
                              self.unit_area + other.unit_area, self.concept_area + other.concept_area,
-                             self.positions + other.positions)
+                             self.positions + other.positions, cat, self.concept_category)
+
+    @property
+    def denominator_area(self) -> torch.Tensor:
+        """(U, K) float64 the unit's area each concept's IoU divides by: its whole active area, or (per
+        category) its area on the images where that concept's category lies inside it."""
+        if self.category_area is None:
+            return self.unit_area.double()[:, None].expand(-1, self.intersection.shape[1])
+        return self.category_area.double()[:, self.concept_category]
 
     @property
     def iou_ceiling(self) -> torch.Tensor:
@@ -161,7 +178,7 @@ class ConceptCounts:
         (IoU is at most the smaller over the larger); with A_u = q N this is the
         ``min(q, share) / max(q, share)`` of a concept covering ``share`` of all positions.
         """
-        a = self.unit_area.double()[:, None]
+        a = self.denominator_area
         c = self.concept_area.double()[None, :]
         big = torch.maximum(a, c)
         return torch.where(big > 0, torch.minimum(a, c) / big.clamp_min(1), 0.0)
@@ -170,17 +187,18 @@ class ConceptCounts:
     def iou(self) -> torch.Tensor:
         """(U, K) float64 ``inter / (unit_area + concept_area - inter)``; 0 where the union is empty."""
         inter = self.intersection.double()
-        union = self.unit_area.double()[:, None] + self.concept_area.double()[None, :] - inter
+        union = self.denominator_area + self.concept_area.double()[None, :] - inter
         return torch.where(union > 0, inter / union.clamp_min(1), 0.0)
 
     def state_dict(self) -> dict:
         return {"layer": self.layer, "thresholds": self.thresholds, "intersection": self.intersection,
-                "unit_area": self.unit_area, "concept_area": self.concept_area, "positions": self.positions}
+                "unit_area": self.unit_area, "concept_area": self.concept_area, "positions": self.positions,
+                "category_area": self.category_area, "concept_category": self.concept_category}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> ConceptCounts:
         return cls(d["layer"], d["thresholds"], d["intersection"], d["unit_area"], d["concept_area"],
-                   int(d["positions"]))
+                   int(d["positions"]), d.get("category_area"), d.get("concept_category"))
 
 
 # --------------------------------------------------------------------------- activations
@@ -261,13 +279,19 @@ def threshold_pass(
     total_positions: int,
     device: str | torch.device,
     keep_acts: bool = False,
+    on: str = "upsampled",
 ) -> TopActivations | tuple[TopActivations, list[torch.Tensor]]:
-    """Pass 1 over ``batches`` (a data shard): each unit's top ``floor(q N) + 1`` upsampled values.
+    """Pass 1 over ``batches`` (a data shard): each unit's top ``floor(q N) + 1`` values.
 
-    ``total_positions`` is N for the WHOLE dataset (images x mask pixels), so
-    shards merge exactly. With ``keep_acts`` also returns the layer's
-    activations per batch (CPU, own resolution) for :func:`iou_pass`.
+    ``on = "upsampled"``: the values upsampled to the masks (N = images x mask
+    pixels); ``"raw"``: the layer's own feature maps, as NetDissect-Lite takes its
+    quantile (N = images x map positions: 64x fewer values for a 14x14 map and
+    112 px masks). ``total_positions`` is N for the WHOLE dataset, so shards merge
+    exactly. With ``keep_acts`` also returns the layer's activations per batch
+    (CPU, own resolution) for :func:`iou_pass`.
     """
+    if on not in ("upsampled", "raw"):
+        raise ConfigError(f"threshold_pass on = {on!r}; use 'upsampled' or 'raw'")
     k = top_k_for(quantile, total_positions)
     work = _on(model, device)
     top, seen, maxes, kept = None, 0, [], []
@@ -275,10 +299,11 @@ def threshold_pass(
         for a, labels in _batch_acts(work, layer, batches, None, device):
             if keep_acts:
                 kept.append(a.cpu())
-            size = tuple(labels.shape[-2:])
+            size = tuple(labels.shape[-2:]) if on == "upsampled" else tuple(a.shape[-2:])
             u, p = a.shape[1], size[0] * size[1]
             for lo, hi in _image_chunks(a.shape[0], u * p):
-                flat = upsample_unit_major(a[lo:hi], size)  # (U, b P)
+                flat = (upsample_unit_major(a[lo:hi], size) if on == "upsampled"
+                        else a[lo:hi].transpose(0, 1).reshape(u, -1))  # (U, b P)
                 maxes.append(flat.view(u, hi - lo, p).amax(2).t().cpu())
                 flat = flat.topk(min(k, flat.shape[1]), dim=1).values
                 if top is not None:
@@ -301,16 +326,25 @@ def iou_pass(
     num_concepts: int,
     device: str | torch.device,
     acts: Sequence[torch.Tensor] | None = None,
+    concept_category: torch.Tensor | None = None,
 ) -> ConceptCounts:
     """Pass 2 over ``batches`` (a data shard): intersection, unit and concept areas per unit x concept.
 
     ``acts`` (from ``threshold_pass(..., keep_acts=True)`` on the same batches)
     skips the model. Concept ids above ``num_concepts`` are an error.
+    ``concept_category`` ((K,) category index per concept) also counts NetDissect-Lite's
+    per-category unit areas (:attr:`ConceptCounts.category_area`): on each image, the
+    unit's active area counts for category g when some concept of g lies inside it.
     """
     K = num_concepts
     work = _on(model, device) if model is not None else None
     t = thresholds.to(device).float()
     U = t.numel()
+    per_category = concept_category is not None
+    if per_category:
+        cat_of = torch.cat([torch.zeros(1, dtype=torch.long), concept_category.long().cpu()]).to(device)
+        G = int(concept_category.max()) + 1 if concept_category.numel() else 0
+        category_area = torch.zeros(U, G, dtype=torch.long, device=device)
     inter = torch.zeros(U, K + 1, dtype=torch.long, device=device)
     unit_area = torch.zeros(U, dtype=torch.long, device=device)
     concept_area = torch.zeros(K + 1, dtype=torch.long, device=device)
@@ -343,11 +377,19 @@ def iou_pass(
                 masks.scatter_(1, compact, 1.0)  # OR over layers
                 masks[:, 0] = 1  # column 0 of the product: the unit area
                 concept_area[present] += masks[:, 1:].sum((0, 2)).round().long()
-                prod = (on @ masks.transpose(1, 2).reshape(b * p, kp + 1)).round().long()  # (U, Kp + 1)
+                if per_category:  # per image: (b, U, Kp + 1) = (b, U, P) @ (b, P, Kp + 1)
+                    per_image = (on.view(U, b, p).transpose(0, 1) @ masks.transpose(1, 2)).round().long()
+                    hits = torch.zeros(b, U, G, dtype=torch.long, device=device)
+                    hits.scatter_add_(2, cat_of[present].expand(b, U, kp), (per_image[:, :, 1:] > 0).long())
+                    category_area += (per_image[:, :, :1] * (hits > 0)).sum(0)
+                    prod = per_image.sum(0)
+                else:
+                    prod = (on @ masks.transpose(1, 2).reshape(b * p, kp + 1)).round().long()  # (U, Kp + 1)
                 unit_area += prod[:, 0]
                 inter[:, present] += prod[:, 1:]
     return ConceptCounts(layer, thresholds.cpu().float(), inter[:, 1:].cpu(), unit_area.cpu(),
-                         concept_area[1:].cpu(), positions)
+                         concept_area[1:].cpu(), positions, category_area.cpu() if per_category else None,
+                         concept_category.long().cpu() if per_category else None)
 
 
 # --------------------------------------------------------------------------- labels

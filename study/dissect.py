@@ -104,14 +104,31 @@ def concept_data(cfg: StudyConfig):
         raise ConfigError("dissection.concepts = broden needs dissection.broden_root (a Broden-format directory)")
     from analysis.broden import BrodenData
 
-    return BrodenData(d.broden_root, split="val", max_images=d.num_images)
+    return BrodenData(d.broden_root, split="val", categories=semantics(cfg)["categories"], max_images=d.num_images,
+                      seed=d.seed)
+
+
+# The paper's Broden categories (PAPER.md section 1; NetDissect-Lite's settings.CATAGORIES also has scene, texture).
+PAPER_CATEGORIES = ["object", "part", "material", "color"]
+
+
+def semantics(cfg: StudyConfig) -> dict:
+    """The dissection options with the concept source's defaults filled in (README "Network dissection"):
+    Broden takes NetDissect-Lite's (per-category denominator, thresholds on the raw maps, the paper's
+    four categories); the generated shapes keep the whole-dataset denominator on upsampled maps."""
+    d = cfg.dissection
+    broden = d.concepts == "broden"
+    return {"denominator": d.denominator or ("per_category" if broden else "dataset"),
+            "threshold_on": d.threshold_on or ("raw" if broden else "upsampled"),
+            "categories": d.categories or (PAPER_CATEGORIES if broden else None)}
 
 
 def _payload(cfg: StudyConfig, data) -> dict:
     """What a task needs to rebuild the data: the arrays for shapes, the directory for Broden."""
     if cfg.dissection.concepts == "shapes":
         return {"kind": "shapes", "images": data.images, "labels": data.labels}
-    return {"kind": "broden", "root": cfg.dissection.broden_root, "max_images": cfg.dissection.num_images}
+    return {"kind": "broden", "root": cfg.dissection.broden_root, "max_images": cfg.dissection.num_images,
+            "categories": data.categories, "seed": cfg.dissection.seed}
 
 
 def _data_from(payload: dict):
@@ -126,7 +143,8 @@ def _data_from(payload: dict):
         return data
     from analysis.broden import BrodenData
 
-    return BrodenData(payload["root"], split="val", max_images=payload["max_images"])
+    return BrodenData(payload["root"], split="val", categories=payload["categories"], max_images=payload["max_images"],
+                      seed=payload["seed"])
 
 
 # --------------------------------------------------------------------------- Ray tasks
@@ -147,7 +165,8 @@ def threshold_task(state_dict: dict, payload: dict, job: dict):
 
     model, batches, device = _task_setup(state_dict, payload, job)
     out = threshold_pass(model, job["layer"], batches, quantile=job["quantile"],
-                         total_positions=job["total_positions"], device=device, keep_acts=job["keep_acts"])
+                         total_positions=job["total_positions"], device=device, keep_acts=job["keep_acts"],
+                         on=job["threshold_on"])
     top, acts = out if job["keep_acts"] else (out, None)
     return top.state_dict(), acts
 
@@ -158,7 +177,8 @@ def iou_task(state_dict: dict, payload: dict, acts, job: dict) -> dict:
 
     model, batches, device = _task_setup(state_dict, payload, job)
     counts = iou_pass(None if acts is not None else model, job["layer"], batches, job["thresholds"],
-                      num_concepts=job["num_concepts"], device=device, acts=acts)
+                      num_concepts=job["num_concepts"], device=device, acts=acts,
+                      concept_category=job["concept_category"])
     return counts.state_dict()
 
 
@@ -181,6 +201,20 @@ class DissectionResult:
     computed: int = 0  # tasks run by this command (the rest were resumed from saved parts)
 
 
+# Pass 1 keeps floor(qN) + 1 float32 values per unit in every task: bounded here, refused beyond.
+THRESHOLD_MEMORY_BYTES = 1 << 30
+
+
+def check_threshold_memory(cfg: StudyConfig, total_positions: int, units: int, raw: bool) -> None:
+    """Refuse a threshold pass whose exact top values would exceed 1 GiB per task, saying what fits."""
+    need = 4 * units * (math.floor(cfg.dissection.quantile * total_positions) + 1)
+    if need > THRESHOLD_MEMORY_BYTES:
+        hint = ("fewer images (dissection.num_images)" if raw else
+                "thresholds on the raw feature maps (dissection.threshold_on=raw), or fewer images")
+        raise ConfigError(f"exact thresholds at q = {cfg.dissection.quantile:g} over {total_positions} positions "
+                          f"keep {need / 2**30:.1f} GiB per task (limit 1 GiB); use {hint}")
+
+
 def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int | None = None,
             quiet: bool = False) -> DissectionResult:
     """Both passes as Ray tasks over data shards, reduced here; write and log the results.
@@ -199,11 +233,18 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     n = data.num_images
     layer_map = map_size(model, d.layer, data, cfg)
     warning = coarse_map_warning(d.layer, layer_map, int(data.load([0])[0].shape[-1]))
-    total = n * data.mask_size[0] * data.mask_size[1]
+    how = semantics(cfg)
+    raw = how["threshold_on"] == "raw"
+    total = n * (layer_map[0] * layer_map[1] if raw else data.mask_size[0] * data.mask_size[1])
+    check_threshold_memory(cfg, total, num_units(model, d.layer), raw)
     mean_std = dataset_spec(cfg.data.name).mean_std
-    identity = {"kind": "dissection", "version": 1, "checkpoint": source.fingerprint, "layer": d.layer,
+    names = data.concepts.category_names()
+    concept_category = (torch.tensor([names.index(c) for c in data.concepts.categories])
+                        if how["denominator"] == "per_category" else None)
+    identity = {"kind": "dissection", "version": 2, "checkpoint": source.fingerprint, "layer": d.layer,
                 "concepts": d.concepts, "broden_root": d.broden_root, "num_images": n, "quantile": d.quantile,
-                "image_size": d.image_size, "data": cfg.dump()["data"], "images": job_hash({"i": data.load([0])[0]})}
+                "image_size": d.image_size, "data": cfg.dump()["data"], "images": job_hash({"i": data.load([0])[0]}),
+                **how, "seed": d.seed}
     parts_dir = out_dir / "parts" / f"dissection-{d.layer}-{job_hash(identity)}"
     init_ray(cfg)
     grid = job_plan(parts_dir, identity, lambda: {"shards": shard_bounds(
@@ -217,7 +258,7 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     first = fan_out(cfg, threshold_task, {
         f"threshold-shard{s:03d}": (state_ref, payload_ref, {
             **common, "indices": torch.arange(lo, hi), "quantile": d.quantile, "total_positions": total,
-            "keep_acts": keep_acts}) for s, (lo, hi) in enumerate(shards)},
+            "keep_acts": keep_acts, "threshold_on": how["threshold_on"]}) for s, (lo, hi) in enumerate(shards)},
         parts_dir=parts_dir, desc=f"dissecting {d.layer}: thresholds", quiet=quiet, num_returns=2)
     tops = [TopActivations.from_state_dict(first.results[f"threshold-shard{s:03d}"]) for s in range(len(shards))]
     top = tops[0]
@@ -228,7 +269,8 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     second = fan_out(cfg, iou_task, {
         f"iou-shard{s:03d}": (state_ref, payload_ref, (first.extra.get(f"threshold-shard{s:03d}") or [None])[0], {
             **common, "indices": torch.arange(lo, hi), "thresholds": thresholds,
-            "num_concepts": len(data.concepts)}) for s, (lo, hi) in enumerate(shards)},
+            "num_concepts": len(data.concepts), "concept_category": concept_category})
+        for s, (lo, hi) in enumerate(shards)},
         parts_dir=parts_dir, desc=f"dissecting {d.layer}: IoU", quiet=quiet)
     parts = [ConceptCounts.from_state_dict(second.results[f"iou-shard{s:03d}"]) for s in range(len(shards))]
     counts = parts[0]
@@ -253,6 +295,8 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     run_id = log_analysis_run(
         cfg, source, kind="dissection", metrics=metrics,
         params={"dissection.images": n, "dissection.tasks": 2 * len(shards),
+                **{f"dissection.used_{k}": v if isinstance(v, str) else ",".join(v or names)
+                   for k, v in how.items()},
                 "dissection.map_size": f"{layer_map[0]}x{layer_map[1]}"},
         files=files, tags={"coarse_map": warning} if warning else None, started=started,
         summary=f"Network dissection of {d.layer} ({layer_map[0]}x{layer_map[1]} map) on {n} {d.concepts} images: "

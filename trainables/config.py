@@ -117,6 +117,12 @@ class DissectionConfig(Section):
     num_images: int = Field(1_000, ge=1)
     top_images: int = Field(5, ge=1)  # per unit in Figure 3
     image_size: int | None = Field(None, ge=8, le=1024)  # shapes concepts: px of the dissection images (default data.image_size)
+    # Which reference's semantics (README "Network dissection"); None = the concept source's default:
+    # broden -> NetDissect-Lite's (per_category, raw, the paper's four categories), shapes -> (dataset, upsampled, all)
+    denominator: Literal["per_category", "dataset"] | None = None  # a unit's area per concept category, or overall
+    threshold_on: Literal["raw", "upsampled"] | None = None  # t_u from the raw feature maps or the upsampled ones
+    categories: list[str] | None = None  # broden category columns (None: object, part, material, color)
+    seed: int = 0  # broden: the seed of the image sample when num_images is below the split's size
 
 
 class WorkerSections(Section):
