@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -277,18 +279,57 @@ def validate(raw: dict[str, Any]) -> StudyConfig:
         raise ConfigError(_describe(errors[0]) + more) from None
 
 
+def _text_field(parts: list[str]) -> tuple[bool, bool]:
+    """(the field at ``parts`` takes text, it may also be null): a ``str`` or a ``Literal`` of strings."""
+    model: Any = StudyConfig
+    info = None
+    for part in parts:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return False, False
+        info = _fields_by_key(model).get(part)
+        if info is None:
+            return False, False
+        model = info.annotation
+    args = typing.get_args(model) if typing.get_origin(model) in (typing.Union, types.UnionType) else (model,)
+    nullable = type(None) in args
+    kinds = [a for a in args if a is not type(None)]
+
+    def text(a) -> bool:
+        return a is str or (typing.get_origin(a) is Literal and all(isinstance(v, str) for v in typing.get_args(a)))
+
+    return bool(kinds) and all(text(a) for a in kinds), nullable
+
+
 def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
-    """``["a.b=1", ...]`` -> ``[(["a", "b"], 1), ...]``; values parse as YAML scalars/lists."""
+    """``["a.b=1", ...]`` -> ``[(["a", "b"], 1), ...]``.
+
+    A text field (``str`` or a choice of strings: ``train.amp``, ``data.root``,
+    ``tracking.experiment``...) receives exactly what was typed, so YAML 1.1's
+    ``off``/``on``/``yes``/``no`` stay words and ``1.0e-3`` or ``007`` stay text;
+    quotes are removed, and ``null`` / ``~`` unset a field that may be empty
+    (``ray.address=null``). Every other value parses as YAML (numbers, booleans,
+    lists, mappings).
+    """
     parsed = []
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key.path=value, got '{item}'")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
+        path = key.strip().split(".")
+        is_text, nullable = _text_field(path)
+        stripped = text.strip()
+        if is_text and nullable and stripped in ("null", "~", "Null", "NULL"):
+            value = None
+        elif is_text and len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
+            value = stripped[1:-1]
+        elif is_text:
             value = text
-        parsed.append((key.strip().split("."), value))
+        else:
+            try:
+                value = yaml.safe_load(text) if stripped else ""
+            except yaml.YAMLError:
+                value = text
+        parsed.append((path, value))
     return parsed
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from study.config import StudyConfig, load_config, validate
+from study.config import StudyConfig, load_config, parse_overrides, validate
 from trainables.errors import ConfigError
 
 from .conftest import ROOT
@@ -182,3 +182,40 @@ def test_cli_bad_value_exits_2_with_one_line(run_study):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "par_rate" in lines[0] and "Traceback" not in out.stderr
     assert out.stdout == ""
+
+
+def _leaf_paths(model, prefix=""):
+    from pydantic import BaseModel
+
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{info.alias or name}"
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _leaf_paths(ann, key + ".")
+        else:
+            yield key
+
+
+def test_text_fields_receive_what_was_typed_not_yaml_1_1_booleans_or_numbers():
+    """YAML 1.1 reads off/on/yes/no as booleans and 1.0e-3 as a float; a text field must get the text."""
+    from study.config import _text_field
+
+    text_fields = [p for p in _leaf_paths(StudyConfig) if _text_field(p.split("."))[0]]
+    assert {"train.amp", "data.root", "data.name", "model.variant", "regularization.gradient_penalty.method",
+            "tracking.experiment", "tracking.mlflow_uri", "ray.address", "ray.storage_path", "sweep.scheduler",
+            "ablation.layer", "dissection.concepts", "dissection.threshold_on"} <= set(text_fields)
+    for path in text_fields:
+        for typed in ("off", "on", "yes", "no", "y", "true", "1.0e-3", "007", "0x10"):
+            ((_, value),) = parse_overrides([f"{path}={typed}"])
+            assert value == typed and isinstance(value, str), (path, typed, value)
+        ((_, quoted),) = parse_overrides([f"{path}='null'"])
+        assert quoted == "null"
+    assert load_config(QUICKSTART, ["train.amp=off"]).train.amp == "off", "the documented value is accepted"
+    assert load_config(QUICKSTART, ["tracking.experiment=1.0e-3"]).tracking.experiment == "1.0e-3"
+    assert load_config(QUICKSTART, ["data.root=007"]).data.root.endswith("007")
+    assert load_config(QUICKSTART, ["ray.address=null"]).ray.address is None
+    with pytest.raises(ConfigError, match="data.name = 'yes' is not allowed"):
+        load_config(QUICKSTART, ["data.name=yes"])
+    # other fields still parse as YAML
+    cfg = load_config(QUICKSTART, ["train.use_gpu=off", "train.lr=1.0e-3", "sweep.space={}", "sweep.seeds=[1, 2]"])
+    assert cfg.train.use_gpu is False and cfg.train.lr == 1e-3 and cfg.sweep.seeds == [1, 2]
