@@ -48,6 +48,9 @@ def trial_runs(cfg: StudyConfig, experiment: str) -> tuple[pd.DataFrame, pd.Data
 
 
 def report(cfg: StudyConfig, experiment: str | None = None, out_dir: str | Path | None = None) -> Report:
+    from study.tracking import check_tracking
+
+    check_tracking(cfg)
     experiment = experiment or cfg.tracking.experiment
     runs, trials = trial_runs(cfg, experiment)
     done = trials[(trials["status"] == "FINISHED") & (trials.get("tags.status") == "finished")] if len(trials) else trials

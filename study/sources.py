@@ -29,7 +29,7 @@ import torch
 from analysis.evaluation import model_from_state_dict
 from study.config import StudyConfig, apply_overrides, read_yaml, validate
 from study.runtime import with_absolute_paths
-from study.tracking import PARENT_TAG, client
+from study.tracking import PARENT_TAG, check_tracking, client
 from trainables.checkpoint import load_checkpoint
 from trainables.errors import CheckpointError, ConfigError
 from trainables.models import scaled_width
@@ -252,6 +252,7 @@ def prepare(
     if parsed is not None:
         sets.append(f"ablation.units={json.dumps(parsed)}")
     sets += list(extra)
+    check_tracking(_tracking_only(config_path, sets))
     source = resolve_source(checkpoint, config_path=config_path, overrides=sets, workdir=workdir)
     cfg = with_absolute_paths(study_config(source, config_path, sets, tracking_uri=source.run_store))
     if source.run_id is None:

@@ -57,6 +57,33 @@ def client(cfg: StudyConfig):
     return MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
 
 
+def check_tracking(cfg: StudyConfig, timeout_s: float = 5.0) -> None:
+    """A tracking server (``http(s)://``) that does not answer its ``/health`` is one error, at once.
+
+    MLflow's client would otherwise retry each call for minutes, after Ray has started.
+    Local stores (``sqlite:///``, a folder) need no check.
+    """
+    import urllib.error
+    import urllib.request
+
+    from trainables.errors import ConfigError
+
+    uri = cfg.tracking.mlflow_uri
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            why = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        why = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        why = str(getattr(exc, "reason", exc))
+    raise ConfigError(f"cannot reach the MLflow tracking server at tracking.mlflow_uri = {uri} ({why}); start it "
+                      "(mlflow server --host ... --port ...) or point tracking.mlflow_uri at a running one")
+
+
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI opens the runs table, not traces
 
 

@@ -152,9 +152,10 @@ def run_trials(
     """
     import ray.tune
 
-    from study.tracking import client, find_parent_run
+    from study.tracking import check_tracking, client, find_parent_run
 
     check_local_prerequisites(cfg)
+    check_tracking(cfg)
     storage = storage_path(cfg)
     init_ray(cfg)
     check_cluster_fits(cfg)
