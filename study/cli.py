@@ -58,7 +58,7 @@ def data_summary(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 def train_cmd(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Train one model (Ray Train DDP inside a one-trial Tune study), logged to MLflow."""
     from study.config import load_config
-    from study.tracking import ui_hint
+    from study.mlflow_ui import ui_hint
     from study.train import train
 
     cfg = load_config(config, set_)
@@ -84,8 +84,8 @@ def sweep_cmd(
 ) -> None:
     """Hyperparameter sweep: Optuna search or a method grid, ASHA, every trial a nested MLflow run."""
     from study.config import load_config
+    from study.mlflow_ui import ui_hint
     from study.sweep import sweep
-    from study.tracking import ui_hint
 
     cfg = load_config(config, set_)
     result = sweep(cfg, config_path=str(config) if config else None, resume=resume, name=name)
@@ -123,7 +123,7 @@ def ablate_cmd(
 ) -> None:
     """Remove each unit of a layer in turn and measure per-class test accuracy (Ray tasks; resumable)."""
     from study.ablate import ablation_summary, run_ablation
-    from study.tracking import ui_hint
+    from study.mlflow_ui import ui_hint
 
     result = run_ablation(checkpoint, config, set_, layer=layer, units=units, out=out)
     for line in ablation_summary(result):
@@ -144,7 +144,7 @@ def intervene_cmd(
 ) -> None:
     """Table 1: damp or boost the worst/best units (selected on validation images), reported on test."""
     from study.intervene import intervention_summary, run_intervention
-    from study.tracking import ui_hint
+    from study.mlflow_ui import ui_hint
 
     result = run_intervention(checkpoint, config, set_, layer=layer, units=units, top_k=top_k, factors=factors,
                               out=out)
@@ -163,8 +163,8 @@ def report_cmd(
     """Rebuild the paper's Table 2 from the runs in MLflow (mean +- 95% t interval over seeds, paired differences)."""
     from analysis.tables import TABLE2_CAPTION
     from study.config import load_config
+    from study.mlflow_ui import ui_hint
     from study.report import report
-    from study.tracking import ui_hint
 
     cfg = load_config(config, set_)
     r = report(cfg, experiment, out)
@@ -199,7 +199,7 @@ def dissect_cmd(
 ) -> None:
     """Network dissection: label each unit with the concept its top activations overlap best (Ray tasks)."""
     from study.dissect import dissection_summary, run_dissection
-    from study.tracking import ui_hint
+    from study.mlflow_ui import ui_hint
 
     result = run_dissection(checkpoint, config, set_, layer=layer, out=out)
     for line in dissection_summary(result):

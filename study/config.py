@@ -279,7 +279,7 @@ def validate(raw: dict[str, Any]) -> StudyConfig:
         raise ConfigError(_describe(errors[0]) + more) from None
 
 
-def _text_field(parts: list[str]) -> tuple[bool, bool]:
+def text_field(parts: list[str]) -> tuple[bool, bool]:
     """(the field at ``parts`` takes text, it may also be null): a ``str`` or a ``Literal`` of strings."""
     model: Any = StudyConfig
     info = None
@@ -316,7 +316,7 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key.path=value, got '{item}'")
         path = key.strip().split(".")
-        is_text, nullable = _text_field(path)
+        is_text, nullable = text_field(path)
         stripped = text.strip()
         if is_text and nullable and stripped in ("null", "~", "Null", "NULL"):
             value = None

@@ -29,9 +29,9 @@ def quickstart(
     from study.ablate import ablation_summary, run_ablation
     from study.dissect import dissection_summary, run_dissection
     from study.intervene import intervention_summary, run_intervention
+    from study.mlflow_ui import ui_hint
     from study.report import report
     from study.sweep import sweep
-    from study.tracking import ui_hint
 
     cfg = load_config(config_path, overrides)
     t0 = time.perf_counter()

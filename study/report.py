@@ -48,7 +48,7 @@ def trial_runs(cfg: StudyConfig, experiment: str) -> tuple[pd.DataFrame, pd.Data
 
 
 def report(cfg: StudyConfig, experiment: str | None = None, out_dir: str | Path | None = None) -> Report:
-    from study.tracking import check_tracking
+    from study.mlflow_ui import check_tracking
 
     check_tracking(cfg)
     experiment = experiment or cfg.tracking.experiment

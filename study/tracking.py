@@ -57,33 +57,6 @@ def client(cfg: StudyConfig):
     return MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
 
 
-def check_tracking(cfg: StudyConfig, timeout_s: float = 5.0) -> None:
-    """A tracking server (``http(s)://``) that does not answer its ``/health`` is one error, at once.
-
-    MLflow's client would otherwise retry each call for minutes, after Ray has started.
-    Local stores (``sqlite:///``, a folder) need no check.
-    """
-    import urllib.error
-    import urllib.request
-
-    from trainables.errors import ConfigError
-
-    uri = cfg.tracking.mlflow_uri
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
-            if response.status == 200:
-                return
-            why = f"HTTP {response.status}"
-    except urllib.error.HTTPError as exc:
-        why = f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        why = str(getattr(exc, "reason", exc))
-    raise ConfigError(f"cannot reach the MLflow tracking server at tracking.mlflow_uri = {uri} ({why}); start it "
-                      "(mlflow server --host ... --port ...) or point tracking.mlflow_uri at a running one")
-
-
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI opens the runs table, not traces
 
 
@@ -107,48 +80,6 @@ def experiment_id(cfg: StudyConfig) -> str:
     if exp.tags.get(EXPERIMENT_KIND[0]) is None:
         c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
     return exp.experiment_id
-
-
-def ui_base(cfg: StudyConfig) -> str:
-    """The UI's address: the tracking server itself, or what ``mlflow ui`` serves by default."""
-    uri = cfg.tracking.mlflow_uri
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-
-
-def run_url(cfg: StudyConfig, run_id: str, experiment: str | None = None) -> str:
-    """The direct link to a run's page in the MLflow UI."""
-    return f"{ui_base(cfg)}/#/experiments/{experiment or experiment_id(cfg)}/runs/{run_id}?workflowType=machine_learning"
-
-
-def runs_url(cfg: StudyConfig, view: str | None = None) -> str:
-    """The experiment's runs table (the machine-learning view, not MLflow 3's GenAI traces overview),
-    opened in the saved ``view`` (:func:`save_trials_view`) when given."""
-    url = f"{ui_base(cfg)}/#/experiments/{experiment_id(cfg)}/runs?workflowType=machine_learning"
-    return url + (f"&viewStateShareKey={view}" if view else "")
-
-
-SHARED_VIEW_TAG = "mlflow.sharedViewState."  # what the UI's "Share" button stores; ?viewStateShareKey= opens it
-
-
-def trials_view_key(parent_run_id: str) -> str:
-    return f"unitstudy-{parent_run_id[:12]}"
-
-
-def save_trials_view(cfg: StudyConfig, parent_run_id: str, swept: list[str], methods: bool = False) -> str:
-    """A shared view of one study's trials in the runs table: its trials only (flat, best val/acc first),
-    with the swept values, val/test accuracy, epochs completed and status as columns. Returns its key."""
-    def col(kind: str, key: str) -> str:
-        return f"{kind}.`{key}`"
-
-    columns = ([col("params", "method")] * methods + [col("params", k) for k in short_keys(swept).values()]
-               + [col("metrics", k) for k in ("val/acc", "test/acc", "best/val_acc", "best/test_acc",
-                                               "epochs_completed")]
-               + [col("tags", "status"), col("attributes", "Duration")])
-    state = {"searchFilter": f"tags.kind = 'trial' and tags.`{PARENT_TAG}` = '{parent_run_id}'",
-             "orderByKey": col("metrics", "val/acc"), "orderByAsc": False, "selectedColumns": columns}
-    key = trials_view_key(parent_run_id)
-    client(cfg).set_experiment_tag(experiment_id(cfg), SHARED_VIEW_TAG + key, json.dumps(state))
-    return key
 
 
 def git_commit() -> str:
@@ -222,6 +153,8 @@ def start_parent_run(cfg: StudyConfig, kind: str, name: str, tags: dict[str, str
                                        f"varying {swept}; chosen on {cfg.sweep.metric}. Its trials are the nested "
                                        "runs (kind=trial); the whole config is config.yaml."}
     run = c.create_run(experiment_id(cfg), run_name=name, tags=all_tags)
+    from study.mlflow_ui import save_trials_view
+
     c.set_tag(run.info.run_id, "trials_view", save_trials_view(cfg, run.info.run_id, swept_paths(cfg),
                                                                   bool(cfg.sweep.methods)))
     sweep = {f"sweep.{k}": v for k, v in (("num_samples", cfg.sweep.num_samples), ("scheduler", cfg.sweep.scheduler),
@@ -333,7 +266,6 @@ class TrialLogger(Callback):
 
     def _log_dataset(self, run_id: str, data: dict[str, Any]) -> None:
         import hashlib
-        import json
 
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
@@ -426,17 +358,6 @@ class TrialLogger(Callback):
         self._summarize(run_id)
         self.client.set_tag(run_id, "status", "failed")
         self.client.set_terminated(run_id, "FAILED")
-
-
-def ui_hint(cfg: StudyConfig, run_id: str | None = None, *, trials_of: str | None = None) -> str:
-    """The UI link of ``run_id``, of the trials of study ``trials_of`` (its saved view), or of the
-    experiment's runs table; with how to start a local UI."""
-    url = (run_url(cfg, run_id) if run_id else runs_url(cfg, trials_view_key(trials_of)) if trials_of
-           else runs_url(cfg))
-    uri = cfg.tracking.mlflow_uri
-    if uri.startswith(("http://", "https://")):
-        return url
-    return f"{url}  (start the UI first: mlflow ui --backend-store-uri {uri})"
 
 
 def source_params(cfg: StudyConfig, source: Source) -> tuple[dict[str, str], str | None]:

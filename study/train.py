@@ -152,7 +152,8 @@ def run_trials(
     """
     import ray.tune
 
-    from study.tracking import check_tracking, client, find_parent_run
+    from study.mlflow_ui import check_tracking
+    from study.tracking import client, find_parent_run
 
     check_local_prerequisites(cfg)
     check_tracking(cfg)

@@ -198,9 +198,9 @@ def _leaf_paths(model, prefix=""):
 
 def test_text_fields_receive_what_was_typed_not_yaml_1_1_booleans_or_numbers():
     """YAML 1.1 reads off/on/yes/no as booleans and 1.0e-3 as a float; a text field must get the text."""
-    from study.config import _text_field
+    from study.config import text_field
 
-    text_fields = [p for p in _leaf_paths(StudyConfig) if _text_field(p.split("."))[0]]
+    text_fields = [p for p in _leaf_paths(StudyConfig) if text_field(p.split("."))[0]]
     assert {"train.amp", "data.root", "data.name", "model.variant", "regularization.gradient_penalty.method",
             "tracking.experiment", "tracking.mlflow_uri", "ray.address", "ray.storage_path", "sweep.scheduler",
             "ablation.layer", "dissection.concepts", "dissection.threshold_on"} <= set(text_fields)

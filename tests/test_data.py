@@ -186,7 +186,7 @@ def test_no_rank_trains_on_a_validation_image(world_size):
 # --------------------------------------------------------------------------- fabricated torchvision trees
 
 
-def _fake_cifar100(root: Path, n_train=40, n_test=20) -> None:
+def fake_cifar100(root: Path, n_train=40, n_test=20) -> None:
     base = root / CIFAR100.base_folder
     base.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -206,7 +206,7 @@ def test_fabricated_cifar100_loads_through_torchvision(tmp_path, monkeypatch):
     # only the checksum checks are patched (the class's and the meta file's)
     monkeypatch.setattr(CIFAR100, "_check_integrity", lambda self: True)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
-    _fake_cifar100(tmp_path)
+    fake_cifar100(tmp_path)
     images, labels = D.load_cifar100(tmp_path, train=True)
     raw = pickle.loads((tmp_path / "cifar-100-python" / "train").read_bytes())
     assert images.shape == (40, 3, 32, 32) and images.dtype == torch.uint8
@@ -225,7 +225,7 @@ def test_missing_cifar100_offline_is_one_clear_error(tmp_path):
     assert "nowhere" in msg and "data.download=true" in msg
 
 
-def _fake_places365(root: Path, n_classes=3, per_class=2, n_val=4) -> None:
+def fake_places365(root: Path, n_classes=3, per_class=2, n_val=4) -> None:
     classes = [f"/{c[0]}/{c}" for c in ("airfield", "bakery", "canyon")[:n_classes]]
     (root / "categories_places365.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(classes)))
     rng = np.random.default_rng(0)
@@ -249,7 +249,7 @@ def _fake_places365(root: Path, n_classes=3, per_class=2, n_val=4) -> None:
 
 def test_fabricated_places365_loads_through_torchvision(tmp_path, monkeypatch):
     monkeypatch.setattr(Places365, "_check_integrity", lambda self, file, md5, download: True)
-    _fake_places365(tmp_path)
+    fake_places365(tmp_path)
     cfg = dict(SHAPES_CFG, name="places365", root=str(tmp_path), image_size=32)
     train, _, test = D.build_loaders(cfg, batch_size=2, world_size=2, rank=0)
     xs, ys = zip(*list(train))

@@ -12,7 +12,7 @@ import torch
 import torchvision.datasets.cifar
 from torchvision.datasets import CIFAR100, Places365
 
-from tests.test_data import SHAPES_CFG, _fake_cifar100, _fake_places365
+from tests.test_data import SHAPES_CFG, fake_cifar100, fake_places365
 from trainables import data as D
 from trainables.config import DataConfig
 from trainables.datasets import DATASETS, MEAN_STD, NUM_CLASSES, DatasetSpec, as_data_config, dataset_spec
@@ -87,7 +87,7 @@ def test_shapes_arrays_are_make_shapes_at_the_configured_seeds(tmp_path):
 def test_cifar100_loads_from_a_fabricated_tree(tmp_path, monkeypatch):
     monkeypatch.setattr(CIFAR100, "_check_integrity", lambda self: True)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
-    _fake_cifar100(tmp_path, n_train=40, n_test=20)
+    fake_cifar100(tmp_path, n_train=40, n_test=20)
     spec = dataset_spec("cifar100")
     cfg = DataConfig(name="cifar100", root=str(tmp_path))
     spec.check_present(cfg)
@@ -116,7 +116,7 @@ def test_missing_cifar100_gives_the_download_hint(tmp_path):
 
 def test_places365_is_streamed_from_a_fabricated_tree(tmp_path, monkeypatch):
     monkeypatch.setattr(Places365, "_check_integrity", lambda self, file, md5, download: True)
-    _fake_places365(tmp_path)
+    fake_places365(tmp_path)
     spec = dataset_spec("places365")
     cfg = DataConfig(name="places365", root=str(tmp_path), image_size=32)
     spec.check_present(cfg)

@@ -170,10 +170,10 @@ def test_a_relative_data_root_is_read_by_every_worker_where_the_driver_found_it(
     torchvision's integrity check ("incomplete or corrupted"); one that looks elsewhere says "was not found"."""
     from study.train import TrainingFailed
 
-    from .test_data import _fake_cifar100
+    from .test_data import fake_cifar100
 
     monkeypatch.chdir(tmp_path)
-    _fake_cifar100(tmp_path / "data")
+    fake_cifar100(tmp_path / "data")
     cfg = small_config(tmp_path, "data.name=cifar100", "data.root=data", "train.num_workers=1",
                        "train.max_failures=0", "train.epochs=1")
     with pytest.raises(TrainingFailed) as info:
