@@ -25,7 +25,8 @@ TRIAL_DRIVER_CPUS = 1.0
 
 
 def init_ray(cfg: StudyConfig) -> None:
-    """Connect to ``ray.address`` or start a local cluster with ``ray.num_cpus`` logical CPUs."""
+    """Connect to ``ray.address`` (or ``$RAY_ADDRESS``), else start a local cluster with ``ray.num_cpus``
+    logical CPUs, isolated from any other on this machine (:func:`isolate_local_cluster`)."""
     import ray
 
     if ray.is_initialized():
@@ -34,7 +35,10 @@ def init_ray(cfg: StudyConfig) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables; we print per epoch
     kwargs = {"logging_level": "WARNING", "log_to_driver": cfg.ray.worker_logs}
-    if cfg.ray.address is None:
+    address = cfg.ray.address
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        address = isolate_local_cluster()
+    if address == "local":
         kwargs["num_cpus"] = cfg.ray.num_cpus
         # A new local cluster turns token authentication on and says so on every start; keep it on, unsaid.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -42,9 +46,30 @@ def init_ray(cfg: StudyConfig) -> None:
         # 4x this many are starting (default: the physical cores, 2 here) although nothing is wrong.
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(4, cfg.ray.num_cpus or 0)))
     try:
-        ray.init(address=cfg.ray.address, **kwargs)
+        ray.init(address=address, **kwargs)
     except ConnectionError as exc:
         raise ConfigError(f"cannot reach the Ray cluster at ray.address = {cfg.ray.address!r}: {exc}") from None
+
+
+def isolate_local_cluster() -> str:
+    """Prepare a new local cluster that no other cluster on this machine can be mistaken for.
+
+    Ray resolves ``address="auto"`` by looking for running GCS processes; with two
+    local clusters on one machine (two ``study`` commands at once) it finds both,
+    and Ray Train's placement-group cleaner, which asks the state API that way,
+    retries forever. The cluster's GCS port is chosen here and ``RAY_ADDRESS``
+    names it before the cluster starts, so every process of the cluster (they
+    inherit this environment) resolves its own. Returns ``"local"`` (start a new
+    cluster, whatever ``RAY_ADDRESS`` says).
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    return "local"
 
 
 def storage_path(cfg: StudyConfig) -> str:
