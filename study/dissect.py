@@ -228,22 +228,23 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     started = time.time()
     d = cfg.dissection
     model = check_model(source, cfg)
-    num_units(model, d.layer)  # a wrong layer name fails here, listing the valid ones, before Ray starts
+    layer_units = num_units(model, d.layer)  # a wrong layer name fails here, listing the valid ones, before Ray starts
     data = concept_data(cfg)
     n = data.num_images
     layer_map = map_size(model, d.layer, data, cfg)
-    warning = coarse_map_warning(d.layer, layer_map, int(data.load([0])[0].shape[-1]))
+    first_image = data.load([0])[0]  # (1, 3, H, W): its side for the warning, its bytes for the job's identity
+    warning = coarse_map_warning(d.layer, layer_map, int(first_image.shape[-1]))
     how = semantics(cfg)
     raw = how["threshold_on"] == "raw"
     total = n * (layer_map[0] * layer_map[1] if raw else data.mask_size[0] * data.mask_size[1])
-    check_threshold_memory(cfg, total, num_units(model, d.layer), raw)
+    check_threshold_memory(cfg, total, layer_units, raw)
     mean_std = dataset_spec(cfg.data.name).mean_std
     names = data.concepts.category_names()
     concept_category = (torch.tensor([names.index(c) for c in data.concepts.categories])
                         if how["denominator"] == "per_category" else None)
     identity = {"kind": "dissection", "version": 2, "checkpoint": source.fingerprint, "layer": d.layer,
                 "concepts": d.concepts, "broden_root": d.broden_root, "num_images": n, "quantile": d.quantile,
-                "image_size": d.image_size, "data": cfg.dump()["data"], "images": job_hash({"i": data.load([0])[0]}),
+                "image_size": d.image_size, "data": cfg.dump()["data"], "images": job_hash({"i": first_image}),
                 **how, "seed": d.seed}
     parts_dir = out_dir / "parts" / f"dissection-{d.layer}-{job_hash(identity)}"
     init_ray(cfg)
