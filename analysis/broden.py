@@ -104,6 +104,7 @@ class BrodenData:
         if unknown:
             raise DataError(f"{self.root / 'index.csv'} has no category column {unknown}; it has {have}")
         self.categories = list(categories or have)
+        self.split = split
         if split is not None:
             rows = [r for r in rows if r["split"] == split]
         if max_images is not None and len(rows) > max_images:

@@ -14,6 +14,7 @@ present at a pixel when any layer holds c. :class:`ConceptSet` names the ids.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from trainables.errors import ConfigError
 
 __all__ = [
+    "ConceptBatches",
     "ConceptSet",
     "ShapesConcepts",
     "concept_batches",
@@ -101,15 +103,30 @@ class ShapesConcepts:
         return self.images[index], self.labels[index]
 
 
-def concept_batches(data, indices, *, batch_size: int, mean_std, device: str | torch.device = "cpu"):
+class ConceptBatches(Sequence):
     """Evaluation batches (normalised float images, label maps) of ``data``'s images ``indices``, on ``device``.
 
-    A list (re-iterable: both passes read it); images are loaded batch by batch.
+    Each batch is loaded when it is read, so a task holds one batch of images at a
+    time, not its whole shard (a shard of 8,000 Broden images at 224 px would be
+    about 5 GB); re-iterable, so passes that read the batches twice load them twice.
     """
-    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) * 255 for v in mean_std)
-    indices = torch.as_tensor(indices, dtype=torch.long)
-    out = []
-    for i in range(0, indices.numel(), batch_size):
-        images, labels = data.load(indices[i : i + batch_size])
-        out.append(((images.to(device).float() - mean) / std, labels.to(device)))
-    return out
+
+    def __init__(self, data, indices, *, batch_size: int, mean_std, device: str | torch.device = "cpu"):
+        self.data, self.device = data, device
+        self.mean, self.std = (torch.tensor(v, device=device).view(1, -1, 1, 1) * 255 for v in mean_std)
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        self.parts = [indices[i : i + batch_size] for i in range(0, indices.numel(), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        images, labels = self.data.load(self.parts[i])
+        return (images.to(self.device).float() - self.mean) / self.std, labels.to(self.device)
+
+
+def concept_batches(data, indices, *, batch_size: int, mean_std, device: str | torch.device = "cpu") -> ConceptBatches:
+    """:class:`ConceptBatches` of ``data``'s images ``indices``: loaded batch by batch as they are read."""
+    return ConceptBatches(data, indices, batch_size=batch_size, mean_std=mean_std, device=device)

@@ -6,18 +6,11 @@ is the unit's activation (a conv name means after its ReLU, see
 :func:`analysis.hooks.unit_layer`) upsampled bilinearly to the concept-mask
 resolution (:mod:`analysis.upsample`).
 
-Pass 1, thresholds (:func:`threshold_pass` -> :class:`TopActivations`): ``t_u``
-with ``P[a_u > t_u] = q`` over all images and positions, computed EXACTLY. With
-N positions in the whole dataset (images x mask pixels), ``k = floor(q N)``;
-``t_u`` is the (k+1)-th largest upsampled value of unit u, so exactly k
-positions lie strictly above it when values are distinct (the share above
-``t_u`` is ``floor(qN)/N``, within ``1/N`` of q; ties at ``t_u`` only lower it).
-Mergeable over data shards: each shard keeps its own top ``k+1`` values per
-unit (k from the *global* N, which the caller passes as ``total_positions``);
-the union's top ``k+1`` is the whole dataset's. Memory: ``U x (k+1)`` float32
-per shard (shapes, 500 images at 32x32, q = 0.01, 512 units: 10 MiB; full
-Broden at 112x112 with q = 0.005 would need ~4M values per unit, 8 GiB: too
-much, a sketch would be needed there - not built).
+Pass 1, thresholds (:mod:`analysis.thresholds`): ``t_u`` with ``P[a_u > t_u] = q``
+over all images and positions, computed EXACTLY, by keeping each unit's top
+values (``top_k``) or by a two-level radix histogram of the values' bit
+patterns (``histogram``, bounded memory at any dataset size); both merge over
+data shards and give the same thresholds.
 
 Pass 2, IoU (:func:`iou_pass` -> :class:`ConceptCounts`): per unit x concept,
 integer counts summed over the whole dataset (not per-image means):
@@ -44,8 +37,6 @@ category; a detector when IoU >= ``iou_threshold`` (paper 0.04).
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -53,16 +44,29 @@ import pandas as pd
 import torch
 from torch import nn
 
+from analysis.activations import batch_acts, image_chunks, layer_acts, on_device
 from analysis.concepts import ConceptSet
-from analysis.hooks import eval_mode, retain_layers, unit_layer
+from analysis.hooks import eval_mode
+from analysis.thresholds import (
+    ThresholdHistogram,
+    TopActivations,
+    histogram_pass,
+    histogram_thresholds,
+    threshold_bins,
+    threshold_pass,
+    top_k_for,
+)
 from analysis.upsample import upsample_unit_major
 from trainables.errors import ConfigError, DataError
 
 __all__ = [
     "ConceptCounts",
     "Dissection",
+    "ThresholdHistogram",
     "TopActivations",
     "dissect_layer",
+    "histogram_pass",
+    "histogram_thresholds",
     "iou_pass",
     "label_units",
     "layer_acts",
@@ -71,57 +75,9 @@ __all__ = [
 ]
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-# Elements of one upsampled (images, units, positions) chunk: 2**24 (64 MiB float32); also
-# keeps every matmul's sum of ones below 2**24, so float32 counts are exact.
-_CHUNK_ELEMENTS = 2**24
 
 
-# --------------------------------------------------------------------------- concepts
 # --------------------------------------------------------------------------- results
-
-
-@dataclass
-class TopActivations:
-    """Pass 1: each unit's largest upsampled activations over some images; shards add up.
-
-    Attributes:
-        layer: the unit layer.
-        values: (U, k) float32, each row sorted descending (k = :func:`top_k_for`).
-        positions: positions seen (images x mask pixels).
-        image_max: (n, U) each image's largest upsampled activation per unit, images in order
-            (concatenated by ``+``: add shards in data order). Ranks Figure 3's images.
-    """
-
-    layer: str
-    values: torch.Tensor
-    positions: int
-    image_max: torch.Tensor
-
-    def __add__(self, other: TopActivations) -> TopActivations:
-        if self.layer != other.layer or self.values.shape[0] != other.values.shape[0]:
-            raise ConfigError("cannot merge top activations of different layers")
-        k = max(self.values.shape[1], other.values.shape[1])
-        both = torch.cat([self.values, other.values], 1)
-        values = both.topk(min(k, both.shape[1]), dim=1).values
-        return TopActivations(self.layer, values, self.positions + other.positions,
-                              torch.cat([self.image_max, other.image_max]))
-
-    def thresholds(self, quantile: float) -> torch.Tensor:
-        """(U,) ``t_u``: the (floor(q N) + 1)-th largest value, N = all positions seen."""
-        k = math.floor(quantile * self.positions)
-        if self.values.shape[1] <= k:
-            raise ConfigError(
-                f"kept {self.values.shape[1]} top values per unit but quantile {quantile} of {self.positions} "
-                f"positions needs {k + 1}: pass the whole dataset's total_positions to every shard"
-            )
-        return self.values[:, k].clone()
-
-    def state_dict(self) -> dict:
-        return {"layer": self.layer, "values": self.values, "positions": self.positions, "image_max": self.image_max}
-
-    @classmethod
-    def from_state_dict(cls, d: dict) -> TopActivations:
-        return cls(d["layer"], d["values"], int(d["positions"]), d["image_max"])
 
 
 @dataclass
@@ -201,122 +157,6 @@ class ConceptCounts:
                    int(d["positions"]), d.get("category_area"), d.get("concept_category"))
 
 
-# --------------------------------------------------------------------------- activations
-
-
-class _Stop(Exception):
-    """Raised by a hook to end the forward pass at the dissected layer."""
-
-
-def _on(model: nn.Module, device: str | torch.device) -> nn.Module:
-    p = next(iter(model.parameters()), None)
-    if p is None or p.device == torch.device(device):
-        return model
-    return copy.deepcopy(model).to(device)
-
-
-def _site(model: nn.Module, layer: str) -> str:
-    """The module carrying ``layer``'s units (``conv5_3`` -> ``relu5_3``); other models: ``layer`` as is."""
-    return unit_layer(model, layer) if isinstance(model, nn.Sequential) else layer
-
-
-def layer_acts(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
-    """(B, U, h, w) float32 activations of ``layer``'s units for images ``x``; stops the forward pass there."""
-    site = _site(model, layer)
-    with retain_layers(model, [site]) as acts:
-        from trainables.models import resolve_layer
-
-        def stop(_m, _i, _o):
-            raise _Stop
-
-        handle = resolve_layer(model, site).register_forward_hook(stop)
-        try:
-            model(x)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-    a = acts[site]
-    if a.dim() != 4:
-        raise ConfigError(f"dissection needs a conv layer's (B, C, H, W) output; '{layer}' gives {tuple(a.shape)}")
-    return a.float()
-
-
-
-def _image_chunks(b: int, per_image: int) -> list[tuple[int, int]]:
-    step = max(1, _CHUNK_ELEMENTS // max(1, per_image))
-    return [(i, min(b, i + step)) for i in range(0, b, step)]
-
-
-def _batch_acts(model, layer, batches, acts, device):
-    """(acts, labels) per batch: ``acts[i]`` when given (pass 2 reusing pass 1), else the model's."""
-    for i, (x, labels) in enumerate(batches):
-        labels = labels.to(device)
-        if labels.dim() == 3:
-            labels = labels[:, None]
-        if acts is not None:
-            a = acts[i].to(device)
-        else:
-            a = layer_acts(model, layer, x.to(device))
-        if a.shape[0] != labels.shape[0]:
-            raise DataError(f"a batch has {a.shape[0]} images but {labels.shape[0]} label maps")
-        yield a, labels
-
-
-def top_k_for(quantile: float, total_positions: int) -> int:
-    """Values kept per unit in pass 1: ``floor(q N) + 1``."""
-    if not 0 < quantile < 1:
-        raise ConfigError(f"quantile must be in (0, 1), got {quantile}")
-    return min(total_positions, math.floor(quantile * total_positions) + 1)
-
-
-def threshold_pass(
-    model: nn.Module,
-    layer: str,
-    batches: Batches,
-    *,
-    quantile: float,
-    total_positions: int,
-    device: str | torch.device,
-    keep_acts: bool = False,
-    on: str = "upsampled",
-) -> TopActivations | tuple[TopActivations, list[torch.Tensor]]:
-    """Pass 1 over ``batches`` (a data shard): each unit's top ``floor(q N) + 1`` values.
-
-    ``on = "upsampled"``: the values upsampled to the masks (N = images x mask
-    pixels); ``"raw"``: the layer's own feature maps, as NetDissect-Lite takes its
-    quantile (N = images x map positions: 64x fewer values for a 14x14 map and
-    112 px masks). ``total_positions`` is N for the WHOLE dataset, so shards merge
-    exactly. With ``keep_acts`` also returns the layer's activations per batch
-    (CPU, own resolution) for :func:`iou_pass`.
-    """
-    if on not in ("upsampled", "raw"):
-        raise ConfigError(f"threshold_pass on = {on!r}; use 'upsampled' or 'raw'")
-    k = top_k_for(quantile, total_positions)
-    work = _on(model, device)
-    top, seen, maxes, kept = None, 0, [], []
-    with eval_mode(work), torch.no_grad():
-        for a, labels in _batch_acts(work, layer, batches, None, device):
-            if keep_acts:
-                kept.append(a.cpu())
-            size = tuple(labels.shape[-2:]) if on == "upsampled" else tuple(a.shape[-2:])
-            u, p = a.shape[1], size[0] * size[1]
-            for lo, hi in _image_chunks(a.shape[0], u * p):
-                flat = (upsample_unit_major(a[lo:hi], size) if on == "upsampled"
-                        else a[lo:hi].transpose(0, 1).reshape(u, -1))  # (U, b P)
-                maxes.append(flat.view(u, hi - lo, p).amax(2).t().cpu())
-                flat = flat.topk(min(k, flat.shape[1]), dim=1).values
-                if top is not None:
-                    flat = torch.cat([top, flat], 1)
-                    flat = flat.topk(min(k, flat.shape[1]), dim=1).values
-                top = flat
-                seen += (hi - lo) * p
-    if top is None:
-        raise DataError("threshold_pass got no images")
-    result = TopActivations(layer, top.cpu(), seen, torch.cat(maxes))
-    return (result, kept) if keep_acts else result
-
-
 def iou_pass(
     model: nn.Module | None,
     layer: str,
@@ -337,7 +177,7 @@ def iou_pass(
     unit's active area counts for category g when some concept of g lies inside it.
     """
     K = num_concepts
-    work = _on(model, device) if model is not None else None
+    work = on_device(model, device) if model is not None else None
     t = thresholds.to(device).float()
     U = t.numel()
     per_category = concept_category is not None
@@ -352,7 +192,7 @@ def iou_pass(
     positions = 0
     ctx = eval_mode(work) if work is not None else contextlib.nullcontext()
     with ctx, torch.no_grad():
-        for a, labels in _batch_acts(work, layer, batches, acts, device):
+        for a, labels in batch_acts(work, layer, batches, acts, device):
             if a.shape[1] != U:
                 raise ConfigError(f"{U} thresholds for a layer with {a.shape[1]} units")
             if int(labels.max()) > K or int(labels.min()) < 0:
@@ -365,7 +205,7 @@ def iou_pass(
             kp = present.numel()
             lookup.zero_()
             lookup[present] = torch.arange(1, kp + 1, device=device)
-            for lo, hi in _image_chunks(b_all, max(U, kp + 1) * p):  # = pass 1's chunks when Kp < U
+            for lo, hi in image_chunks(b_all, max(U, kp + 1) * p):  # = pass 1's chunks when Kp < U
                 b = hi - lo
                 # (U, b P): [a_u > t_u]
                 on = upsample_unit_major(a[lo:hi], size).sub_(t[:, None]).sign_().clamp_(min=0)
@@ -426,7 +266,7 @@ def label_units(counts: ConceptCounts, concepts: ConceptSet, iou_threshold: floa
 class Dissection:
     """What :func:`dissect_layer` found: the merged passes and the per-unit table."""
 
-    top: TopActivations
+    top: TopActivations | ThresholdHistogram  # pass 1 (its image_max ranks Figure 3's images)
     counts: ConceptCounts
     units: pd.DataFrame  # label_units(counts, concepts, iou_threshold)
 
@@ -440,11 +280,22 @@ def dissect_layer(
     device: str | torch.device,
     quantile: float = 0.01,
     iou_threshold: float = 0.04,
+    method: str = "top_k",
 ) -> Dissection:
-    """Both passes in one process (the network runs once per image); ``batches`` is re-iterable."""
-    total = sum(lbl.shape[0] * lbl.shape[-2] * lbl.shape[-1] for _, lbl in batches)
-    top, acts = threshold_pass(model, layer, batches, quantile=quantile, total_positions=total, device=device,
-                               keep_acts=True)
-    t = top.thresholds(quantile)
+    """Both passes in one process (the network runs once per image); ``batches`` is re-iterable.
+
+    ``method``: ``top_k`` or ``histogram`` thresholds (:mod:`analysis.thresholds`; the same values)."""
+    if method == "top_k":
+        total = sum(lbl.shape[0] * lbl.shape[-2] * lbl.shape[-1] for _, lbl in batches)
+        top, acts = threshold_pass(model, layer, batches, quantile=quantile, total_positions=total, device=device,
+                                   keep_acts=True)
+        t = top.thresholds(quantile)
+    elif method == "histogram":
+        top, acts = histogram_pass(model, layer, batches, device=device, keep_acts=True)
+        prefix, _ = threshold_bins(top, quantile)
+        fine = histogram_pass(None, layer, batches, device=device, prefix=prefix, acts=acts)
+        t = histogram_thresholds(top, fine, quantile)
+    else:
+        raise ConfigError(f"threshold method {method!r}; use 'top_k' or 'histogram'")
     counts = iou_pass(None, layer, batches, t, num_concepts=len(concepts), device=device, acts=acts)
     return Dissection(top, counts, label_units(counts, concepts, iou_threshold))

@@ -117,8 +117,8 @@ def top_images_figure(model, units: pd.DataFrame, top, data, *, layer: str, top_
     ``top`` is the :class:`analysis.dissection.TopActivations` of the threshold
     pass, ``data`` the concept images (``load``), ``mean_std`` their normalisation.
     """
+    from analysis.activations import layer_acts
     from analysis.concepts import concept_batches
-    from analysis.dissection import layer_acts
     from analysis.upsample import upsample
 
     plt = _pyplot()

@@ -12,10 +12,14 @@ computation is :mod:`analysis.dissection`; this module is the driver around it
    ``dissection.num_images`` shapes images at ``data.image_size`` with seed
    ``data.seed + 2`` (neither the training split, seed ``data.seed``, nor the
    test split, ``data.seed + 1``); ``broden`` reads ``dissection.broden_root``
-   (its ``val`` split, the first ``num_images`` rows).
+   (every row of ``index.csv``, or ``dissection.split``'s; a seeded sample of
+   ``num_images`` rows when there are more).
 2. Pass 1: one task per data shard computes the shard's top activations
-   (:func:`analysis.dissection.threshold_pass`, ``k`` from the whole set's
-   positions); the driver adds them and takes the thresholds.
+   (:func:`analysis.thresholds.threshold_pass`, ``k`` from the whole set's
+   positions); the driver adds them and takes the thresholds. When those would
+   not fit in 1 GiB per task (``dissection.threshold_method = auto``) or when
+   asked (``histogram``), pass 1 is two radix passes instead, each one task per
+   shard (:func:`analysis.thresholds.histogram_pass`): the same thresholds.
 3. Pass 2: one task per shard counts intersections and areas
    (:func:`analysis.dissection.iou_pass`); for shapes, the pass-1 task also
    returns the shard's layer activations (a second return value kept in the
@@ -42,9 +46,17 @@ import pandas as pd
 import ray
 import torch
 
-from analysis.dissection import ConceptCounts, TopActivations, label_units
+from analysis.dissection import ConceptCounts, label_units
 from analysis.figures import detectors_figure, top_images_figure
 from analysis.hooks import num_units
+from analysis.thresholds import (
+    ThresholdHistogram,
+    TopActivations,
+    histogram_bytes,
+    histogram_thresholds,
+    threshold_bins,
+    top_k_bytes,
+)
 from study.config import StudyConfig
 from study.fanout import (
     MIN_SHARD_IMAGES,
@@ -71,8 +83,8 @@ MIN_MAP_SIDE = 7
 
 def map_size(model, layer: str, data, cfg: StudyConfig) -> tuple[int, int]:
     """(h, w) of ``layer``'s activation map on the dissection images (one image through the trunk, on the CPU)."""
+    from analysis.activations import layer_acts
     from analysis.concepts import concept_batches
-    from analysis.dissection import layer_acts
     ((x, _),) = concept_batches(data, [0], batch_size=1, mean_std=dataset_spec(cfg.data.name).mean_std)
     with torch.no_grad():
         return tuple(layer_acts(model, layer, x).shape[-2:])
@@ -104,7 +116,8 @@ def concept_data(cfg: StudyConfig):
         raise ConfigError("dissection.concepts = broden needs dissection.broden_root (a Broden-format directory)")
     from analysis.broden import BrodenData
 
-    return BrodenData(d.broden_root, split="val", categories=semantics(cfg)["categories"], max_images=d.num_images,
+    how = semantics(cfg)
+    return BrodenData(d.broden_root, split=how["split"], categories=how["categories"], max_images=d.num_images,
                       seed=d.seed)
 
 
@@ -115,12 +128,14 @@ PAPER_CATEGORIES = ["object", "part", "material", "color"]
 def semantics(cfg: StudyConfig) -> dict:
     """The dissection options with the concept source's defaults filled in (README "Network dissection"):
     Broden takes NetDissect-Lite's (per-category denominator, thresholds on the raw maps, the paper's
-    four categories); the generated shapes keep the whole-dataset denominator on upsampled maps."""
+    four categories, every row of index.csv); the generated shapes keep the whole-dataset denominator
+    on upsampled maps. ``split`` is the Broden rows' filter (None: all rows)."""
     d = cfg.dissection
     broden = d.concepts == "broden"
     return {"denominator": d.denominator or ("per_category" if broden else "dataset"),
             "threshold_on": d.threshold_on or ("raw" if broden else "upsampled"),
-            "categories": d.categories or (PAPER_CATEGORIES if broden else None)}
+            "categories": d.categories or (PAPER_CATEGORIES if broden else None),
+            **({"split": None if d.split in (None, "all") else d.split} if broden else {})}
 
 
 def _payload(cfg: StudyConfig, data) -> dict:
@@ -128,7 +143,7 @@ def _payload(cfg: StudyConfig, data) -> dict:
     if cfg.dissection.concepts == "shapes":
         return {"kind": "shapes", "images": data.images, "labels": data.labels}
     return {"kind": "broden", "root": cfg.dissection.broden_root, "max_images": cfg.dissection.num_images,
-            "categories": data.categories, "seed": cfg.dissection.seed}
+            "categories": data.categories, "seed": cfg.dissection.seed, "split": data.split}
 
 
 def _data_from(payload: dict):
@@ -143,8 +158,8 @@ def _data_from(payload: dict):
         return data
     from analysis.broden import BrodenData
 
-    return BrodenData(payload["root"], split="val", categories=payload["categories"], max_images=payload["max_images"],
-                      seed=payload["seed"])
+    return BrodenData(payload["root"], split=payload["split"], categories=payload["categories"],
+                      max_images=payload["max_images"], seed=payload["seed"])
 
 
 # --------------------------------------------------------------------------- Ray tasks
@@ -160,8 +175,8 @@ def _task_setup(state_dict, payload, job):
 
 
 def threshold_task(state_dict: dict, payload: dict, job: dict):
-    """Pass 1 on one data shard: (TopActivations state dict, the shard's layer activations or None)."""
-    from analysis.dissection import threshold_pass
+    """Pass 1 by top_k on one data shard: (TopActivations state dict, the shard's layer activations or None)."""
+    from analysis.thresholds import threshold_pass
 
     model, batches, device = _task_setup(state_dict, payload, job)
     out = threshold_pass(model, job["layer"], batches, quantile=job["quantile"],
@@ -169,6 +184,19 @@ def threshold_task(state_dict: dict, payload: dict, job: dict):
                          on=job["threshold_on"])
     top, acts = out if job["keep_acts"] else (out, None)
     return top.state_dict(), acts
+
+
+def histogram_task(state_dict: dict, payload: dict, acts, job: dict):
+    """One radix level of pass 1 on one data shard (level 2 when ``job["prefix"]`` is set):
+    (ThresholdHistogram state dict, the shard's layer activations or None); ``acts`` skips the model."""
+    from analysis.thresholds import histogram_pass
+
+    model, batches, device = _task_setup(state_dict, payload, job)
+    keep = job["keep_acts"] and acts is None
+    out = histogram_pass(None if acts is not None else model, job["layer"], batches, device=device,
+                         prefix=job["prefix"], keep_acts=keep, on=job["threshold_on"], acts=acts)
+    hist, kept = out if keep else (out, acts)
+    return hist.state_dict(), kept
 
 
 def iou_task(state_dict: dict, payload: dict, acts, job: dict) -> dict:
@@ -188,7 +216,7 @@ def iou_task(state_dict: dict, payload: dict, acts, job: dict) -> dict:
 @dataclass
 class DissectionResult:
     units: pd.DataFrame  # label_units(...): unit, label, category, iou, threshold, detector
-    top: TopActivations
+    top: TopActivations | ThresholdHistogram  # pass 1 (its image_max ranks Figure 3's images)
     counts: ConceptCounts
     out_dir: Path
     files: list[Path]
@@ -201,18 +229,60 @@ class DissectionResult:
     computed: int = 0  # tasks run by this command (the rest were resumed from saved parts)
 
 
-# Pass 1 keeps floor(qN) + 1 float32 values per unit in every task: bounded here, refused beyond.
+# Pass 1's state per task (top values or radix counts) is bounded by this; top_k beyond it becomes histogram.
 THRESHOLD_MEMORY_BYTES = 1 << 30
 
 
-def check_threshold_memory(cfg: StudyConfig, total_positions: int, units: int, raw: bool) -> None:
-    """Refuse a threshold pass whose exact top values would exceed 1 GiB per task, saying what fits."""
-    need = 4 * units * (math.floor(cfg.dissection.quantile * total_positions) + 1)
-    if need > THRESHOLD_MEMORY_BYTES:
-        hint = ("fewer images (dissection.num_images)" if raw else
-                "thresholds on the raw feature maps (dissection.threshold_on=raw), or fewer images")
-        raise ConfigError(f"exact thresholds at q = {cfg.dissection.quantile:g} over {total_positions} positions "
-                          f"keep {need / 2**30:.1f} GiB per task (limit 1 GiB); use {hint}")
+def threshold_method(cfg: StudyConfig, total_positions: int, units: int) -> str:
+    """``top_k`` or ``histogram``: the configured method, or (``auto``) top_k when its values fit in
+    :data:`THRESHOLD_MEMORY_BYTES` per task. Refuses a choice that does not fit, saying what does."""
+    q, asked = cfg.dissection.quantile, cfg.dissection.threshold_method
+    top_k = top_k_bytes(q, total_positions, units)
+    method = asked if asked != "auto" else ("top_k" if top_k <= THRESHOLD_MEMORY_BYTES else "histogram")
+    if method == "top_k" and top_k > THRESHOLD_MEMORY_BYTES:
+        raise ConfigError(f"top_k thresholds at q = {q:g} over {total_positions} positions keep "
+                          f"{top_k / 2**30:.1f} GiB per task (limit 1 GiB); use dissection.threshold_method=auto")
+    if method == "histogram" and histogram_bytes(units) > THRESHOLD_MEMORY_BYTES:
+        raise ConfigError(f"histogram thresholds for {units} units keep {histogram_bytes(units) / 2**30:.1f} GiB "
+                          f"per task (limit 1 GiB); dissect a layer with fewer units")
+    return method
+
+
+def _pass_one(cfg: StudyConfig, method: str, jobs: dict, parts_dir: Path, quiet: bool):
+    """Pass 1 as fanned-out tasks: (the merged TopActivations or level-1 ThresholdHistogram, the thresholds,
+    each shard's kept activations or None, tasks computed, tasks in all)."""
+    d, layer = cfg.dissection, cfg.dissection.layer
+    shards = sorted(jobs)
+
+    def merged(results, cls, prefix):
+        parts = [cls.from_state_dict(results[f"{prefix}-{s}"]) for s in shards]
+        out = parts[0]
+        for part in parts[1:]:
+            out = out + part
+        return out
+
+    if method == "top_k":
+        first = fan_out(cfg, threshold_task, {f"threshold-{s}": (*jobs[s][:2], {**jobs[s][2], "quantile": d.quantile})
+                                              for s in shards},
+                        parts_dir=parts_dir, desc=f"dissecting {layer}: thresholds", quiet=quiet, num_returns=2)
+        top = merged(first.results, TopActivations, "threshold")
+        acts = {s: (first.extra.get(f"threshold-{s}") or [None])[0] for s in shards}
+        return top, top.thresholds(d.quantile), acts, len(first.computed), len(shards)
+    coarse = fan_out(cfg, histogram_task, {f"histogram-{s}": (*jobs[s][:2], None, {**jobs[s][2], "prefix": None})
+                                           for s in shards},
+                     parts_dir=parts_dir, desc=f"dissecting {layer}: thresholds (radix 1/2)", quiet=quiet,
+                     num_returns=2)
+    level1 = merged(coarse.results, ThresholdHistogram, "histogram")
+    prefix, _ = threshold_bins(level1, d.quantile)
+    acts = {s: (coarse.extra.get(f"histogram-{s}") or [None])[0] for s in shards}
+    fine = fan_out(cfg, histogram_task, {f"select-{s}": (*jobs[s][:2], acts[s], {**jobs[s][2], "prefix": prefix,
+                                                                                  "keep_acts": False})
+                                         for s in shards},
+                   parts_dir=parts_dir, desc=f"dissecting {layer}: thresholds (radix 2/2)", quiet=quiet,
+                   num_returns=2)
+    level2 = merged(fine.results, ThresholdHistogram, "select")
+    thresholds = histogram_thresholds(level1, level2, d.quantile)
+    return level1, thresholds, acts, len(coarse.computed) + len(fine.computed), 2 * len(shards)
 
 
 def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int | None = None,
@@ -222,7 +292,7 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     Each finished task's result is saved under ``<out_dir>/parts/dissection-<job>/``
     (:func:`study.fanout.fan_out`), so a rerun of the same command after a crash
     or a kill computes only the shards still missing in each pass; the shards are
-    fixed in ``plan.json`` on the first run. A pass-2 shard whose pass-1
+    fixed in ``plan.json`` on the first run. A later shard whose pass-1
     activations are gone (pass 1 was resumed) recomputes them.
     """
     started = time.time()
@@ -237,7 +307,7 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     how = semantics(cfg)
     raw = how["threshold_on"] == "raw"
     total = n * (layer_map[0] * layer_map[1] if raw else data.mask_size[0] * data.mask_size[1])
-    check_threshold_memory(cfg, total, layer_units, raw)
+    method = threshold_method(cfg, total, layer_units)
     mean_std = dataset_spec(cfg.data.name).mean_std
     names = data.concepts.category_names()
     concept_category = (torch.tensor([names.index(c) for c in data.concepts.categories])
@@ -256,19 +326,13 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     common = {"layer": d.layer, "expected": expected_architecture(cfg), "mean_std": mean_std,
               "batch_size": 256 if cfg.model.variant == "cifar" else 32}
 
-    first = fan_out(cfg, threshold_task, {
-        f"threshold-shard{s:03d}": (state_ref, payload_ref, {
-            **common, "indices": torch.arange(lo, hi), "quantile": d.quantile, "total_positions": total,
-            "keep_acts": keep_acts, "threshold_on": how["threshold_on"]}) for s, (lo, hi) in enumerate(shards)},
-        parts_dir=parts_dir, desc=f"dissecting {d.layer}: thresholds", quiet=quiet, num_returns=2)
-    tops = [TopActivations.from_state_dict(first.results[f"threshold-shard{s:03d}"]) for s in range(len(shards))]
-    top = tops[0]
-    for t in tops[1:]:
-        top = top + t
-    thresholds = top.thresholds(d.quantile)
+    pass_one = {f"shard{s:03d}": (state_ref, payload_ref, {
+        **common, "indices": torch.arange(lo, hi), "total_positions": total, "keep_acts": keep_acts,
+        "threshold_on": how["threshold_on"]}) for s, (lo, hi) in enumerate(shards)}
+    top, thresholds, acts, computed, tasks = _pass_one(cfg, method, pass_one, parts_dir, quiet)
 
     second = fan_out(cfg, iou_task, {
-        f"iou-shard{s:03d}": (state_ref, payload_ref, (first.extra.get(f"threshold-shard{s:03d}") or [None])[0], {
+        f"iou-shard{s:03d}": (state_ref, payload_ref, acts[f"shard{s:03d}"], {
             **common, "indices": torch.arange(lo, hi), "thresholds": thresholds,
             "num_concepts": len(data.concepts), "concept_category": concept_category})
         for s, (lo, hi) in enumerate(shards)},
@@ -292,17 +356,17 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     for cat in data.concepts.category_names():
         metrics[f"dissection/detectors_{cat}"] = float((det["category"] == cat).sum())
     metrics["dissection/detectors_near_ceiling"] = float((det["iou_to_ceiling"] >= 0.8).sum())
-    computed = len(first.computed) + len(second.computed)
+    computed += len(second.computed)
     run_id = log_analysis_run(
         cfg, source, kind="dissection", metrics=metrics,
-        params={"dissection.images": n, "dissection.tasks": 2 * len(shards),
+        params={"dissection.images": n, "dissection.tasks": tasks + len(shards), "dissection.threshold_method": method,
                 **{f"dissection.used_{k}": v if isinstance(v, str) else ",".join(v or names)
                    for k, v in how.items()},
                 "dissection.map_size": f"{layer_map[0]}x{layer_map[1]}"},
         files=files, tags={"coarse_map": warning} if warning else None, started=started,
         summary=f"Network dissection of {d.layer} ({layer_map[0]}x{layer_map[1]} map) on {n} {d.concepts} images: "
                 f"units.csv, Figure 1 (detectors per concept) and Figure 3 (top images).")
-    return DissectionResult(units, top, counts, out_dir, files, run_id, source, 2 * len(shards), cfg, layer_map,
+    return DissectionResult(units, top, counts, out_dir, files, run_id, source, tasks + len(shards), cfg, layer_map,
                             warning, computed)
 
 

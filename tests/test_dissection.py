@@ -234,6 +234,103 @@ def test_thresholds_bracket_the_quantile_when_upsampling_ties_values(q):
     assert (above <= q + 1e-12).all() and (at_or_above >= q - 1e-12).all()
 
 
+# --------------------------------------------------------------------------- radix-histogram thresholds
+
+
+def test_float_keys_order_like_the_floats_and_invert():
+    from analysis.thresholds import float_keys, keys_to_float
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(2000, generator=g) * 10.0 ** torch.randint(-40, 30, (2000,), generator=g),
+                   torch.tensor([0.0, -0.0, 1e-45, -1e-45, float("inf"), -float("inf"), 3.4e38, -3.4e38])])
+    keys = float_keys(x)
+    by_value = sorted(range(len(x)), key=lambda i: (x[i].item(), keys[i].item()))  # -0.0 == 0.0 as floats
+    assert [keys[i].item() for i in by_value] == sorted(keys.tolist()), "keys sort like the values"
+    high, low = (keys >> 16).long() + (1 << 15), (keys & 0xFFFF).long()
+    assert torch.equal(keys_to_float(high, low).view(torch.int32), x.view(torch.int32)), "every bit comes back"
+
+
+def test_rank_bins_against_a_naive_walk():
+    from analysis.thresholds import rank_bins
+
+    g = torch.Generator().manual_seed(1)
+    counts = torch.randint(0, 4, (6, 40), generator=g)
+    rank = torch.tensor([int(torch.randint(0, int(c.sum()), (1,), generator=g)) for c in counts])
+    b, within = rank_bins(counts, rank)
+    for u in range(6):
+        order = [j for j in range(39, -1, -1) for _ in range(int(counts[u, j]))]  # bins of the elements, top first
+        assert b[u] == order[rank[u]]
+        assert within[u] == order[: rank[u]].count(order[rank[u]])
+
+
+@pytest.mark.parametrize("on", ["upsampled", "raw"])
+@pytest.mark.parametrize("q", [0.005, 0.05, 0.3])
+def test_histogram_thresholds_equal_sorting_and_the_top_k_method(on, q):
+    """Two radix passes over three shards give the (floor(qN)+1)-th largest value: the same bits as
+    sorting every value (the definition) and as the top_k method; ties, zeros, negatives and tiny values."""
+    from analysis.thresholds import histogram_pass, histogram_thresholds, threshold_bins
+    from analysis.upsample import upsample
+
+    g = torch.Generator().manual_seed(2)
+    acts = torch.randn(24, 5, 4, 4, generator=g)
+    acts[:, 0] = acts[:, 0].round()  # heavy ties
+    acts[:, 1] = acts[:, 1].clamp_min(0)  # a ReLU's zeros
+    acts[:, 2] *= 1e-30  # values that share one high-bits bin
+    acts[:, 3] = -acts[:, 3].abs()  # all negative
+    model = nn.Sequential(OrderedDict(fixed=Fixed(acts)))
+    ids = torch.arange(24, dtype=torch.float32).view(24, 1, 1, 1).expand(24, 3, 1, 1)
+    labels = torch.zeros(24, 1, 9, 9, dtype=torch.long)
+    shards = [[(ids[i : i + 4], labels[i : i + 4]) for i in range(lo, lo + 8, 4)] for lo in (0, 8, 16)]
+    values = upsample(acts, (9, 9)) if on == "upsampled" else acts
+    flat = values.transpose(0, 1).reshape(5, -1)
+    expect = flat.sort(1, descending=True).values[:, math.floor(q * flat.shape[1])]
+
+    def merged(parts):
+        out = parts[0]
+        for p in parts[1:]:
+            out = out + type(p).from_state_dict(p.state_dict())
+        return out
+
+    level1 = merged([histogram_pass(model, "fixed", s, device="cpu", on=on) for s in shards])
+    prefix, _ = threshold_bins(level1, q)
+    level2 = merged([histogram_pass(model, "fixed", s, device="cpu", on=on, prefix=prefix) for s in shards])
+    t = histogram_thresholds(level1, level2, q)
+    assert torch.equal(t, expect)
+    top = merged([threshold_pass(model, "fixed", s, quantile=q, total_positions=flat.shape[1], device="cpu", on=on)
+                  for s in shards])
+    assert torch.equal(top.thresholds(q), t)
+    assert torch.equal(top.image_max, level1.image_max)
+
+
+def test_histogram_dissection_equals_top_k_dissection():
+    model, batches, _, _ = small_case(seed=3)
+    from analysis.concepts import ConceptSet
+
+    concepts = ConceptSet(tuple(f"c{i}" for i in range(1, 6)), ("a",) * 5)
+    a = dissect_layer(model, "fixed", batches, concepts, device="cpu", quantile=0.05)
+    b = dissect_layer(model, "fixed", batches, concepts, device="cpu", quantile=0.05, method="histogram")
+    assert torch.equal(a.counts.thresholds, b.counts.thresholds)
+    assert a.units.equals(b.units)
+
+
+def test_the_threshold_method_fits_one_gib_per_task_or_says_what_does():
+    from study.config import StudyConfig
+    from study.dissect import threshold_method
+    from trainables.errors import ConfigError
+
+    def cfg(**d):
+        return StudyConfig.model_validate({"dissection": {"quantile": 0.005, **d}})
+
+    broden_upsampled = 63_305 * 112 * 112  # positions: full Broden at 112 px masks
+    assert threshold_method(cfg(), 63_305 * 14 * 14, 512) == "top_k"  # raw maps: 127 MB of top values
+    assert threshold_method(cfg(), broden_upsampled, 512) == "histogram"  # top_k would keep 7.6 GiB
+    assert threshold_method(cfg(threshold_method="histogram"), 1000, 512) == "histogram"
+    with pytest.raises(ConfigError, match=r"keep 7\.6 GiB per task \(limit 1 GiB\); use dissection.threshold_method=auto"):
+        threshold_method(cfg(threshold_method="top_k"), broden_upsampled, 512)
+    with pytest.raises(ConfigError, match="fewer units"):
+        threshold_method(cfg(), broden_upsampled, 4096)
+
+
 # --------------------------------------------------------------------------- Broden reader
 
 

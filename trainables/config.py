@@ -123,6 +123,10 @@ class DissectionConfig(Section):
     threshold_on: Literal["raw", "upsampled"] | None = None  # t_u from the raw feature maps or the upsampled ones
     categories: list[str] | None = None  # broden category columns (None: object, part, material, color)
     seed: int = 0  # broden: the seed of the image sample when num_images is below the split's size
+    split: Literal["all", "train", "val"] | None = None  # broden index.csv rows (None: all, as NetDissect-Lite)
+    # Exact thresholds by each unit's top values (top_k) or a two-level radix histogram (bounded memory);
+    # auto: top_k when its values fit in 1 GiB per task, else histogram. Both give the same t_u.
+    threshold_method: Literal["auto", "top_k", "histogram"] = "auto"
 
 
 class WorkerSections(Section):
