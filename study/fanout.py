@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,10 +179,14 @@ def open_task(state_dict: dict, job: dict) -> tuple[torch.nn.Module, str]:
     """Inside a task: (the checkpoint's model on this task's device, the device).
 
     ``job["fail_marker"]`` (tests) makes the first attempt fail, leaving the marker
-    file, so Ray's retries must finish the job.
+    file, so Ray's retries must finish the job. ``job["hold"]`` (tests, from
+    :data:`HOLD_ENV`) holds the task until the test releases it (:func:`wait_for_release`).
     """
     from analysis.evaluation import model_from_state_dict
 
+    hold = job.get("hold")
+    if hold:
+        wait_for_release(Path(hold), job["key"])
     marker = job.get("fail_marker")
     if marker and not Path(marker).exists():
         Path(marker).parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +194,22 @@ def open_task(state_dict: dict, job: dict) -> tuple[torch.nn.Module, str]:
         raise RuntimeError(f"injected fault in {Path(marker).name} (first attempt)")
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     return model_from_state_dict(state_dict, device=device, **job["expected"]), device
+
+
+# A test hook: a directory set in the driver's environment holds every task of the command until the test
+# releases it, so that a kill test can stop the driver with chosen parts saved and others running.
+HOLD_ENV = "UNITSTUDY_TEST_HOLD"
+
+
+def wait_for_release(hold: Path, key: str, timeout_s: float = 300.0) -> None:
+    """Write ``hold/started-<key>``, then wait for ``hold/go-<key>`` or ``hold/go-all``."""
+    hold.mkdir(parents=True, exist_ok=True)
+    (hold / f"started-{key}").write_text("")
+    deadline = time.time() + timeout_s
+    while not ((hold / f"go-{key}").exists() or (hold / "go-all").exists()):
+        if time.time() > deadline:
+            raise RuntimeError(f"task {key} held for {timeout_s:.0f} s by {HOLD_ENV} and never released")
+        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- grids
@@ -326,7 +348,10 @@ def fan_out(
     remote = remote_task(task, task_resources(cfg)[0], cfg.ablation.max_retries,
                          **({"num_returns": num_returns} if num_returns > 1 else {}))
     pending = {}
+    hold = os.environ.get(HOLD_ENV)
     for key, args in todo.items():
+        if hold:  # the job dict is every task's last argument
+            args = (*args[:-1], {**args[-1], "hold": hold, "key": key})
         refs = remote.remote(*args)
         if num_returns > 1:
             refs, out.extra[key] = refs[0], refs[1:]

@@ -8,6 +8,10 @@ References are computed in this process on the same images in the same batches
 
 import itertools
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
@@ -21,7 +25,7 @@ from analysis.intervention import run_table1
 from study.ablate import ablate, run_ablation
 from study.cli import main
 from study.config import load_config
-from study.fanout import report_split, validation_split
+from study.fanout import HOLD_ENV, report_split, validation_split
 from study.intervene import run_intervention
 from study.sources import prepare
 from trainables.checkpoint import checkpoint_dict, save_checkpoint
@@ -369,8 +373,88 @@ def test_dissection_parts_are_resumable_and_equal_the_single_process_dissection(
         data, torch.arange(lo, hi), batch_size=256, mean_std=MEAN_STD[cfg.data.name])]
     reference = dissect_layer(model, "conv5_3", batches, data.concepts, device="cpu", quantile=cfg.dissection.quantile,
                               iou_threshold=cfg.dissection.iou_threshold)
-    for result in (first, resumed):
+    # the radix-histogram thresholds (bounded memory): two pass-1 fan-outs, the same thresholds; a lost
+    # selection part is recomputed alone (its shard's activations are gone: the task reruns the network)
+    radix_out = setup["tmp"] / "dissect-radix"
+    radix = run_dissection(str(setup["path"]), overrides=[*sets, "dissection.threshold_method=histogram"],
+                           out=radix_out, num_shards=2, quiet=True)
+    assert radix.computed == radix.num_tasks == 6
+    (part,) = list(radix_out.glob("parts/dissection-*/select-shard000.pt"))
+    part.unlink()
+    radix_resumed = run_dissection(str(setup["path"]), overrides=[*sets, "dissection.threshold_method=histogram"],
+                                   out=radix_out, quiet=True)
+    assert radix_resumed.computed == 1
+    for result in (first, resumed, radix, radix_resumed):
         assert torch.equal(result.counts.thresholds, reference.counts.thresholds)
         assert torch.equal(result.counts.intersection, reference.counts.intersection)
         assert torch.equal(result.counts.unit_area, reference.counts.unit_area)
         assert result.units["label"].tolist() == reference.units["label"].tolist()
+
+
+# --------------------------------------------------------------------------- kill and resume, real processes
+
+
+def kill_after_one_part(setup, tmp_path, command: str, sets: list[str], out) -> dict:
+    """``study <command>`` in a subprocess joined to the session cluster, its tasks held (HOLD_ENV): one task
+    is released and its part saved, a second is running (held) when the driver is SIGKILLed.
+    Returns the saved parts' modification times."""
+    import ray
+
+    hold = tmp_path / f"hold-{command}"
+    args = [sys.executable, "-m", "study.cli", command, "--checkpoint", str(setup["path"]), "--out", str(out)]
+    for item in [*sets, f"ray.address={ray.get_runtime_context().gcs_address}"]:
+        args += ["--set", item]
+    proc = subprocess.Popen(args, cwd=setup["tmp"], env=dict(os.environ, **{HOLD_ENV: str(hold)}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def wait_for(what, check, timeout=180):
+            deadline = time.time() + timeout
+            while not check():
+                assert proc.poll() is None, f"study {command} ended before the kill: {proc.stderr.read()[-2000:]}"
+                assert time.time() < deadline, f"timed out waiting for {what}"
+                time.sleep(0.1)
+
+        def started():
+            return sorted(p.name[len("started-"):] for p in hold.glob("started-*")) if hold.is_dir() else []
+
+        wait_for("a task to start", lambda: started())
+        first = started()[0]
+        (hold / f"go-{first}").write_text("")
+        wait_for("its part", lambda: list(out.glob(f"parts/*/{first}.pt")))
+        wait_for("a second task to start", lambda: len(started()) >= 2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        hold.mkdir(parents=True, exist_ok=True)
+        (hold / "go-all").write_text("")  # a task Ray did not kill with its driver finishes instead of waiting
+        if proc.poll() is None:
+            proc.kill()
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("parts/*/*.pt")}
+
+
+def test_a_killed_ablation_driver_resumes_computing_each_part_once(setup, first_run, tmp_path):
+    out = tmp_path / "out"
+    saved = kill_after_one_part(setup, tmp_path, "ablate", setup["sets"], out)
+    assert len(saved) == 1, "only the released task's part was saved before the kill"
+    resumed = run_ablation(str(setup["path"]), overrides=setup["sets"], out=out, quiet=True)
+    assert sorted(resumed.fan_out.reused) == [name[:-3] for name in saved], "the saved part is reused"
+    assert len(resumed.fan_out.computed) + len(saved) == len(first_run.fan_out.computed), "every other part once"
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("parts/*/*.pt") if p.name in saved} == saved
+    assert_same_counts(resumed.counts, first_run.counts)
+
+
+def test_a_killed_dissection_driver_resumes_computing_each_part_once(setup, tmp_path):
+    from study.dissect import run_dissection
+
+    sets = [*setup["sets"], "dissection.num_images=64", "dissection.image_size=32"]
+    out = tmp_path / "dissect"
+    saved = kill_after_one_part(setup, tmp_path, "dissect", sets, out)
+    assert len(saved) == 1
+    resumed = run_dissection(str(setup["path"]), overrides=sets, out=out, quiet=True)
+    assert resumed.computed == resumed.num_tasks - 1, "every part but the saved one, once"
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("parts/*/*.pt") if p.name in saved} == saved
+    whole = run_dissection(str(setup["path"]), overrides=sets, out=tmp_path / "uninterrupted", quiet=True)
+    assert torch.equal(resumed.counts.thresholds, whole.counts.thresholds)
+    for field in ("intersection", "unit_area", "concept_area"):
+        assert torch.equal(getattr(resumed.counts, field), getattr(whole.counts, field))
+    assert resumed.units.equals(whole.units)
