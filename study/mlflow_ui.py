@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 
 from study.config import StudyConfig
-from study.tracking import PARENT_TAG, client, experiment_id, short_keys
+from study.mlflow_store import client, experiment_id
+from study.tracking import PARENT_TAG, short_keys
 
 __all__ = ["check_tracking", "run_url", "runs_url", "save_trials_view", "trials_view_key", "ui_hint"]
 

@@ -74,7 +74,7 @@ def report(cfg: StudyConfig, experiment: str | None = None, out_dir: str | Path 
     stopped = trials[(trials.get("tags.status") == "stopped_early")] if len(trials) else trials
     parallel_coordinates_figure(done, out / "regularizers_parallel_coordinates.png", stopped)
 
-    from study.tracking import client
+    from study.mlflow_store import client
 
     c = client(cfg)
     table1 = None

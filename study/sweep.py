@@ -182,7 +182,7 @@ def log_summary(cfg: StudyConfig, result: StudyResult) -> None:
     import optuna
 
     from analysis.figures import importances_figure, optimization_history_figure
-    from study.tracking import client
+    from study.mlflow_store import client
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna_study(cfg, result)

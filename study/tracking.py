@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from study.config import StudyConfig
+from study.mlflow_store import client, experiment_id
 
 if TYPE_CHECKING:
     from study.sources import Source
@@ -47,39 +48,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def client(cfg: StudyConfig):
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    mlflow.set_tracking_uri(cfg.tracking.mlflow_uri)
-    return MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
-
-
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI opens the runs table, not traces
-
-
-def artifact_root(uri: str) -> str | None:
-    """Where a new experiment's artifacts go: beside a sqlite store (``<db folder>/mlruns``), not the cwd.
-
-    MLflow's default for a file or sqlite store is ``./mlruns`` of whatever
-    directory the process runs in; a server (``http://``) decides for itself (None).
-    """
-    if uri.startswith("sqlite:///"):
-        return str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent / "mlruns")
-    return None
-
-
-def experiment_id(cfg: StudyConfig) -> str:
-    c = client(cfg)
-    exp = c.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        return c.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root(cfg.tracking.mlflow_uri),
-                                   tags=dict([EXPERIMENT_KIND]))
-    if exp.tags.get(EXPERIMENT_KIND[0]) is None:
-        c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
-    return exp.experiment_id
 
 
 def git_commit() -> str:

@@ -152,8 +152,9 @@ def run_trials(
     """
     import ray.tune
 
+    from study.mlflow_store import client
     from study.mlflow_ui import check_tracking
-    from study.tracking import client, find_parent_run
+    from study.tracking import find_parent_run
 
     check_local_prerequisites(cfg)
     check_tracking(cfg)

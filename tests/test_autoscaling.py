@@ -84,6 +84,9 @@ def fake_cluster():
     try:
         subprocess.run([ray, "start", "--head", "--num-cpus=0", "--port=6379", f"--autoscaling-config={config}",
                         f"--temp-dir={temp_dir}/ray"], env=env, check=True, capture_output=True, timeout=180)
+        # ``ray start`` wrote the address to <temp dir>/ray/ray_current_cluster, where address="auto" looks
+        # when RAY_TMPDIR names the temp dir (on a `ray up` head: /tmp/ray, the default)
+        env["UNITSTUDY_TEST_RAY_TMPDIR"] = temp_dir
         yield env
     finally:
         for _ in range(3):
@@ -97,7 +100,7 @@ def fake_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def study(env: dict, tmp: Path, *args: str) -> subprocess.CompletedProcess:
+def study_command(tmp: Path, *args: str) -> list[str]:
     sets = [f"tracking.mlflow_uri=sqlite:///{tmp}/mlflow.db", "tracking.experiment=autoscaling",
             f"ray.storage_path={tmp}/ray", f"ray.address={ADDRESS}", "ray.scale_up_timeout_s=120",
             "data.num_train=400", "data.num_test=100", "model.width=0.0625", "train.epochs=1", "train.t_max=1",
@@ -105,8 +108,11 @@ def study(env: dict, tmp: Path, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "study.cli", args[0], "--config", str(QUICKSTART)]
     for item in sets:
         command += ["--set", item]
-    command += args[1:]  # last: a test's own --set wins over the defaults above
-    return subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=480)
+    return command + list(args[1:])  # last: a test's own --set wins over the defaults above
+
+
+def study(env: dict, tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(study_command(tmp, *args), cwd=tmp, env=env, capture_output=True, text=True, timeout=480)
 
 
 def test_a_sweep_and_an_ablation_scale_a_cluster_up_from_zero_workers_and_finish(fake_cluster, tmp_path):
@@ -140,3 +146,37 @@ def test_a_sweep_and_an_ablation_scale_a_cluster_up_from_zero_workers_and_finish
     assert "units ablated one at a time on 100 test images" in ablated.stdout, ablated.stdout
     assert "waiting" not in ablated.stdout and time.monotonic() - started < 110
     assert best
+
+
+def test_two_studies_at_once_on_a_ray_start_cluster_found_by_address_auto(fake_cluster, tmp_path):
+    """As on a `ray up` head: no RAY_ADDRESS, ``ray.address=auto`` finds the cluster ``ray start`` wrote down
+    (not the test session's own cluster, also running on this machine). A sweep and a training are submitted
+    at once and both finish; then an ablation of the training's checkpoint runs on the same cluster."""
+    env = {k: v for k, v in fake_cluster.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = env.pop("UNITSTUDY_TEST_RAY_TMPDIR")
+    auto = ("--set", "ray.address=auto")
+    procs = {
+        "sweep": subprocess.Popen(study_command(tmp_path, "sweep", "--set", "sweep.num_samples=1", "--set",
+                                                "sweep.scheduler=fifo", "--set", "sweep.space={}", "--set",
+                                                "sweep.grid={train.seed: [0, 1]}", *auto),
+                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "train": subprocess.Popen(study_command(tmp_path, "train", "--set", "tracking.experiment=auto-train", *auto),
+                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+    }
+    out = {name: p.communicate(timeout=480) for name, p in procs.items()}
+    for name, p in procs.items():
+        assert p.returncode == 0, f"{name}: {out[name][1][-3000:]}"
+    assert "2/2 trials finished" in out["sweep"][0], out["sweep"][0]
+    assert "what this autoscaling cluster holds" in out["sweep"][0], "auto found this cluster, not the session's"
+    run_id = out["train"][0].split("trial run ")[1].split()[0]
+
+    ablated = study(env, tmp_path, "ablate", "--checkpoint", run_id, "--set", "tracking.experiment=auto-train", *auto)
+    assert ablated.returncode == 0, ablated.stderr[-3000:]
+    assert "units ablated one at a time on 100 test images" in ablated.stdout, ablated.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    ablation_runs = client.search_runs([client.get_experiment_by_name("auto-train").experiment_id],
+                                       filter_string="tags.kind = 'ablation'")
+    assert [r.data.tags["source_run_id"] for r in ablation_runs] == [run_id]
