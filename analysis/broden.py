@@ -22,6 +22,7 @@ numbers, one layer per mask file or image-level label (layers overlap freely).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import re
 from pathlib import Path
@@ -75,6 +76,21 @@ def read_labels(root: str | Path, categories: list[str]) -> ConceptSet:
                       tuple(cats.get(i, "unknown") for i in range(1, k + 1)))
 
 
+@contextlib.contextmanager
+def _opened(path: Path, what: str):
+    """``PIL.Image.open(path)``, fully decoded; a truncated or non-image file is a :class:`DataError` naming it."""
+    from PIL import Image
+
+    try:
+        im = Image.open(path)
+        im.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"Broden {what} {path} is damaged ({str(exc).splitlines()[0] if str(exc) else 'unreadable'})"
+                        ) from None
+    with im:
+        yield im
+
+
 class BrodenData:
     """The images of one split of a Broden directory, with their concept label maps.
 
@@ -86,10 +102,12 @@ class BrodenData:
         max_images: keep ``max_images`` rows: a random sample drawn with ``seed`` (kept in
             ``index.csv`` order) when the split has more, else every row.
         seed: the sample's seed.
+        check_files: check up front that every file the kept rows name exists (the driver does;
+            its tasks, given the same rows, need not).
     """
 
     def __init__(self, root: str | Path, split: str | None = "val", categories: list[str] | None = None,
-                 max_images: int | None = None, seed: int = 0):
+                 max_images: int | None = None, seed: int = 0, check_files: bool = True):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"no Broden directory at {self.root}; set dissection.broden_root to one")
@@ -118,6 +136,20 @@ class BrodenData:
         ih, iw, sh, sw = sizes.pop()
         self.rows, self.image_size, self.mask_size = rows, (ih, iw), (sh, sw)
         self.concepts = read_labels(self.root, self.categories)
+        if check_files:
+            self._check_files()
+
+    def _check_files(self) -> None:
+        """Every image and mask the kept rows name exists (one line naming the first missing one, before
+        any task runs); the first row's files also decode. A file damaged further on fails the task
+        that reads it with its name (:meth:`load`)."""
+        for row in self.rows:
+            names = [row["image"]] + [e.strip() for cat in self.categories for e in (row.get(cat) or "").split(";")
+                                      if e.strip() and not e.strip().isdigit()]
+            for name in names:
+                if not (self.root / "images" / name).is_file():
+                    raise DataError(f"Broden file {self.root / 'images' / name} named in index.csv is missing")
+        self.load([0])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -132,19 +164,17 @@ class BrodenData:
         path = self.root / "images" / name
         if not path.is_file():
             raise DataError(f"Broden image {path} is missing")
-        with Image.open(path) as im:
+        with _opened(path, "image") as im:
             im = im.convert("RGB")
             if im.size != (self.image_size[1], self.image_size[0]):
                 im = im.resize((self.image_size[1], self.image_size[0]), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
 
     def _mask(self, name: str) -> np.ndarray:
-        from PIL import Image
-
         path = self.root / "images" / name
         if not path.is_file():
             raise DataError(f"Broden mask {path} is missing")
-        with Image.open(path) as im:
+        with _opened(path, "mask") as im:
             rgb = np.asarray(im.convert("RGB"), dtype=np.int64)
         if rgb.shape[:2] != self.mask_size:
             raise DataError(f"Broden mask {path} is {rgb.shape[1]}x{rgb.shape[0]}, index.csv says "

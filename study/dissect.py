@@ -159,7 +159,7 @@ def _data_from(payload: dict):
     from analysis.broden import BrodenData
 
     return BrodenData(payload["root"], split=payload["split"], categories=payload["categories"],
-                      max_images=payload["max_images"], seed=payload["seed"])
+                      max_images=payload["max_images"], seed=payload["seed"], check_files=False)
 
 
 # --------------------------------------------------------------------------- Ray tasks

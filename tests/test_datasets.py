@@ -84,10 +84,20 @@ def test_shapes_arrays_are_make_shapes_at_the_configured_seeds(tmp_path):
 # --------------------------------------------------------------------------- cifar100
 
 
+def official(root, monkeypatch):
+    """Make torchvision's checksum table name the fabricated files' MD5s, so every integrity check runs for real."""
+    import hashlib
+
+    base = root / CIFAR100.base_folder
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in base.iterdir()}
+    monkeypatch.setattr(CIFAR100, "train_list", [["train", md5["train"]]])
+    monkeypatch.setattr(CIFAR100, "test_list", [["test", md5["test"]]])
+    monkeypatch.setattr(CIFAR100, "meta", {**CIFAR100.meta, "md5": md5["meta"]})
+
+
 def test_cifar100_loads_from_a_fabricated_tree(tmp_path, monkeypatch):
-    monkeypatch.setattr(CIFAR100, "_check_integrity", lambda self: True)
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
     fake_cifar100(tmp_path, n_train=40, n_test=20)
+    official(tmp_path, monkeypatch)
     spec = dataset_spec("cifar100")
     cfg = DataConfig(name="cifar100", root=str(tmp_path))
     spec.check_present(cfg)
@@ -99,6 +109,32 @@ def test_cifar100_loads_from_a_fabricated_tree(tmp_path, monkeypatch):
     assert spec.labels(cfg.model_dump(), train=False).shape == (20,)
     assert spec.in_memory and spec.dissection_image_size(cfg) == 32
     assert spec.summary_lines(cfg)[0].startswith("cifar100: 40 train + 20 test images of (3, 32, 32) uint8, 100 classes")
+
+
+def test_a_damaged_cifar100_file_is_one_line_before_any_ray_work(tmp_path, monkeypatch, capsys):
+    """Before: 95 lines from inside a Train worker, ending in "max() arg is an empty sequence"."""
+    from study.cli import main
+
+    fake_cifar100(tmp_path / "data", n_train=40, n_test=20)
+    official(tmp_path / "data", monkeypatch)
+    train = tmp_path / "data" / CIFAR100.base_folder / "train"
+    train.write_bytes(train.read_bytes()[:5000])  # truncated
+    with pytest.raises(DataError, match="CIFAR-100 under .* is damaged: .*train does not match its checksum"):
+        dataset_spec("cifar100").check_present({"name": "cifar100", "root": str(tmp_path / "data")})
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(["train", "--set", "data.name=cifar100", "--set", f"data.root={tmp_path / 'data'}", "--set",
+                     "model.variant=cifar", "--set", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db",
+                     "--set", f"ray.storage_path={tmp_path}/ray"])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: CIFAR-100 under") and "download it again" in err[0], err
+    assert not (tmp_path / "ray").exists(), "no Ray work began"
+    train.unlink()
+    with pytest.raises(DataError, match="is incomplete: .*train is missing"):
+        dataset_spec("cifar100").check_present({"name": "cifar100", "root": str(tmp_path / "data")})
 
 
 def test_missing_cifar100_gives_the_download_hint(tmp_path):
@@ -132,3 +168,15 @@ def test_places365_is_streamed_from_a_fabricated_tree(tmp_path, monkeypatch):
 def test_missing_places365_gives_the_download_hint(tmp_path):
     with pytest.raises(DataError, match="Places365 was not found under .*data.download=true"):
         dataset_spec("places365").check_present({"name": "places365", "root": str(tmp_path)})
+
+
+def test_a_damaged_places365_image_or_listing_is_one_line_up_front(tmp_path):
+    fake_places365(tmp_path)
+    spec, cfg = dataset_spec("places365"), {"name": "places365", "root": str(tmp_path)}
+    first = tmp_path / "val_256" / "Places365_val_00000001.jpg"
+    first.write_bytes(first.read_bytes()[:200])  # a truncated JPEG
+    with pytest.raises(DataError, match=r"Places365 image .*Places365_val_00000001.jpg is damaged"):
+        spec.check_present(cfg)
+    first.unlink()
+    with pytest.raises(DataError, match=r"Places365 image .*Places365_val_00000001.jpg is missing"):
+        spec.check_present(cfg)

@@ -365,6 +365,23 @@ def write_broden(root, n=3):
     return np.stack(expected)
 
 
+def test_missing_or_damaged_broden_files_are_one_line_naming_the_file(tmp_path):
+    from analysis.broden import BrodenData
+    from trainables.errors import DataError
+
+    write_broden(tmp_path)
+    with pytest.raises(DataError, match=r"Broden file .*extra.png named in index.csv is missing"):
+        BrodenData(tmp_path, split=None)  # every row: the train row's image was never written
+    mask = tmp_path / "images" / "im2_color.png"
+    mask.write_bytes(mask.read_bytes()[:30])  # truncated, not on the first row: found when its task reads it
+    data = BrodenData(tmp_path, split="val")
+    with pytest.raises(DataError, match=r"^Broden mask .*im2_color.png is damaged"):
+        data.load([2])
+    (tmp_path / "images" / "im0.png").write_bytes(b"not a png")  # the first row is decoded up front
+    with pytest.raises(DataError, match=r"^Broden image .*im0.png is damaged"):
+        BrodenData(tmp_path, split="val")
+
+
 def test_broden_reader_decodes_masks_and_image_level_labels(tmp_path):
     from analysis.broden import BrodenData
 
