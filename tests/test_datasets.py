@@ -9,7 +9,6 @@ import typing
 
 import pytest
 import torch
-import torchvision.datasets.cifar
 from torchvision.datasets import CIFAR100, Places365
 
 from tests.test_data import SHAPES_CFG, fake_cifar100, fake_places365
