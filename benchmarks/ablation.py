@@ -40,7 +40,7 @@ from analysis.ablation import ablate_units, ablate_units_naive
 from analysis.evaluation import evaluate_class_counts
 from analysis.hooks import retain_layers, unit_layer
 from trainables.checkpoint import load_checkpoint
-from trainables.data import MEAN_STD, make_shapes
+from trainables.data import MEAN_STD, DeviceLoader, make_shapes
 from trainables.models import infer_architecture, load_vgg16_state_dict, vgg16
 
 
@@ -63,6 +63,28 @@ def _interleaved(fns: dict, repeat: int) -> tuple[dict, dict]:
     return best, out
 
 
+def train(model, epochs: int, num_classes: int, device) -> None:
+    """Plain SGD on 4,000 shapes images of another seed than the measured ones, printing each epoch's accuracy."""
+    data = make_shapes(4000, 32, seed=1)
+    mean, std = MEAN_STD["shapes"]
+    loader = DeviceLoader(data.images, data.labels % num_classes, batch_size=64, mean=mean, std=std, train=True,
+                          augment=False, device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        correct = seen = 0
+        for x, y in loader:
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        print(f"trained epoch {epoch + 1}/{epochs}: train accuracy {correct / seen:.1%}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=256)
@@ -72,6 +94,8 @@ def main() -> None:
     ap.add_argument("--naive-units", type=int, default=4, help="units the naive loop really runs (then extrapolated)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds of (eval, fast), fastest kept")
     ap.add_argument("--checkpoint", default=None, help="a trained cifar-variant checkpoint (default: random weights)")
+    ap.add_argument("--train-epochs", type=int, default=0,
+                    help="first train the model this many epochs on 4,000 other shapes images (SGD, batch 64)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     args = ap.parse_args()
@@ -89,7 +113,10 @@ def main() -> None:
         load_vgg16_state_dict(model, state)
     else:
         model = vgg16("cifar", batch_norm=True, width=args.width, num_classes=num_classes)
-    model = model.to(args.device).eval()
+    model = model.to(args.device)
+    if args.train_epochs:
+        train(model, args.train_epochs, num_classes, args.device)
+    model = model.eval()
 
     data = make_shapes(args.images, 32, seed=0)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in MEAN_STD["shapes"])
@@ -125,7 +152,8 @@ def main() -> None:
     agree = torch.equal(naive.correct, fast.select(list(range(n))).correct)
 
     print(f"device {args.device}, threads {torch.get_num_threads()}, VGG-16 cifar variant width {args.width}, "
-          f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights'}")
+          f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights'}"
+          f"{f', then trained {args.train_epochs} epochs' if args.train_epochs else ''}")
     print(f"{len(y)} images in batches of {args.batch_size}; layer {args.layer}: {units} units; "
           f"baseline accuracy {base.accuracy:.4f}")
     print(f"(unit, image) pairs skipped as already zero (first batch): {zero_share:.1%}")
