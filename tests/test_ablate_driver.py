@@ -432,6 +432,7 @@ def kill_after_one_part(setup, tmp_path, command: str, sets: list[str], out) -> 
     return {p.name: p.stat().st_mtime_ns for p in out.glob("parts/*/*.pt")}
 
 
+@pytest.mark.slow
 def test_a_killed_ablation_driver_resumes_computing_each_part_once(setup, first_run, tmp_path):
     out = tmp_path / "out"
     saved = kill_after_one_part(setup, tmp_path, "ablate", setup["sets"], out)
@@ -443,6 +444,7 @@ def test_a_killed_ablation_driver_resumes_computing_each_part_once(setup, first_
     assert_same_counts(resumed.counts, first_run.counts)
 
 
+@pytest.mark.slow
 def test_a_killed_dissection_driver_resumes_computing_each_part_once(setup, tmp_path):
     from study.dissect import run_dissection
 
