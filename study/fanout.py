@@ -202,13 +202,13 @@ HOLD_ENV = "UNITSTUDY_TEST_HOLD"
 
 
 def wait_for_release(hold: Path, key: str, timeout_s: float = 300.0) -> None:
-    """Write ``hold/started-<key>``, then wait for ``hold/go-<key>`` or ``hold/go-all``."""
+    """Write ``hold/started-<key>``, then wait for ``hold/go-<key>`` (run on) or ``hold/abort`` (fail at once)."""
     hold.mkdir(parents=True, exist_ok=True)
     (hold / f"started-{key}").write_text("")
     deadline = time.time() + timeout_s
-    while not ((hold / f"go-{key}").exists() or (hold / "go-all").exists()):
-        if time.time() > deadline:
-            raise RuntimeError(f"task {key} held for {timeout_s:.0f} s by {HOLD_ENV} and never released")
+    while not (hold / f"go-{key}").exists():
+        if (hold / "abort").exists() or time.time() > deadline:
+            raise RuntimeError(f"task {key} held by {HOLD_ENV} was aborted or never released")
         time.sleep(0.05)
 
 

@@ -426,7 +426,7 @@ def kill_after_one_part(setup, tmp_path, command: str, sets: list[str], out) -> 
         proc.wait()
     finally:
         hold.mkdir(parents=True, exist_ok=True)
-        (hold / "go-all").write_text("")  # a task Ray did not kill with its driver finishes instead of waiting
+        (hold / "abort").write_text("")  # a held task Ray did not kill with its driver ends now, without work
         if proc.poll() is None:
             proc.kill()
     return {p.name: p.stat().st_mtime_ns for p in out.glob("parts/*/*.pt")}

@@ -115,6 +115,19 @@ def study(env: dict, tmp: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(study_command(tmp, *args), cwd=tmp, env=env, capture_output=True, text=True, timeout=480)
 
 
+def auto_env(fake_cluster: dict) -> dict:
+    """As on a `ray up` head: no RAY_ADDRESS; ``ray.address=auto`` reads the address ``ray start`` wrote to
+    <temp dir>/ray/ray_current_cluster (RAY_TMPDIR names the temp dir; on a head it is /tmp, the default),
+    while the test session's own cluster also runs on this machine."""
+    env = {k: v for k, v in fake_cluster.items() if k not in ("RAY_ADDRESS", "UNITSTUDY_TEST_RAY_TMPDIR")}
+    env["RAY_TMPDIR"] = fake_cluster["UNITSTUDY_TEST_RAY_TMPDIR"]
+    return env
+
+
+AUTO = ("--set", "ray.address=auto")
+SWEPT: dict = {}  # the first test's store and best trial, for the second
+
+
 def test_a_sweep_and_an_ablation_scale_a_cluster_up_from_zero_workers_and_finish(fake_cluster, tmp_path):
     # A trial whose worker no node type holds is refused at once, from the autoscaling config, not after 120 s.
     started = time.monotonic()
@@ -124,9 +137,10 @@ def test_a_sweep_and_an_ablation_scale_a_cluster_up_from_zero_workers_and_finish
         "(head: 0 CPU; cpu_worker: 4 CPU)" in refused.stderr, refused.stderr[-2000:]
     assert "waiting" not in refused.stdout and time.monotonic() - started < 90
 
-    swept = study(fake_cluster, tmp_path, "sweep", "--set", "sweep.num_samples=2", "--set", "sweep.scheduler=fifo",
+    env = auto_env(fake_cluster)
+    swept = study(env, tmp_path, "sweep", "--set", "sweep.num_samples=2", "--set", "sweep.scheduler=fifo",
                   "--set", "sweep.space={regularization.dropout.rate: {type: uniform, low: 0.0, high: 0.2}}",
-                  "--set", "regularization.gradient_penalty.lambda=0")
+                  "--set", "regularization.gradient_penalty.lambda=0", *AUTO)
     assert swept.returncode == 0, swept.stderr[-3000:]
     assert "waiting up to 120 s for the autoscaler to start nodes for one trial (2 CPU" in swept.stdout
     # 2 trials of 1 + 1 CPU per 4-CPU node, 2 nodes at most: sized from the config, not from the one node up
@@ -141,42 +155,35 @@ def test_a_sweep_and_an_ablation_scale_a_cluster_up_from_zero_workers_and_finish
     run_id = client.get_run(parent).data.tags["best_run_id"]
     # ablation.num_gpus = 0.25 (the default for GPU clusters) on a cluster with no GPU node type: CPU tasks, no wait
     started = time.monotonic()
-    ablated = study(fake_cluster, tmp_path, "ablate", "--checkpoint", run_id, "--set", "ablation.num_gpus=0.25")
+    ablated = study(env, tmp_path, "ablate", "--checkpoint", run_id, "--set", "ablation.num_gpus=0.25", *AUTO)
     assert ablated.returncode == 0, ablated.stderr[-3000:]
     assert "units ablated one at a time on 100 test images" in ablated.stdout, ablated.stdout
     assert "waiting" not in ablated.stdout and time.monotonic() - started < 110
     assert best
+    SWEPT.update(tmp=tmp_path, run_id=run_id)
 
 
-def test_two_studies_at_once_on_a_ray_start_cluster_found_by_address_auto(fake_cluster, tmp_path):
-    """As on a `ray up` head: no RAY_ADDRESS, ``ray.address=auto`` finds the cluster ``ray start`` wrote down
-    (not the test session's own cluster, also running on this machine). A sweep and a training are submitted
-    at once and both finish; then an ablation of the training's checkpoint runs on the same cluster."""
-    env = {k: v for k, v in fake_cluster.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = env.pop("UNITSTUDY_TEST_RAY_TMPDIR")
-    auto = ("--set", "ray.address=auto")
+def test_two_studies_submitted_at_once_to_a_ray_start_cluster_both_finish(fake_cluster):
+    """A training and an ablation of the first test's best trial, started together with ``ray.address=auto``."""
+    if not SWEPT:
+        pytest.skip("needs the first test's sweep")
+    tmp, env = SWEPT["tmp"], auto_env(fake_cluster)
     procs = {
-        "sweep": subprocess.Popen(study_command(tmp_path, "sweep", "--set", "sweep.num_samples=1", "--set",
-                                                "sweep.scheduler=fifo", "--set", "sweep.space={}", "--set",
-                                                "sweep.grid={train.seed: [0, 1]}", *auto),
-                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-        "train": subprocess.Popen(study_command(tmp_path, "train", "--set", "tracking.experiment=auto-train", *auto),
-                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "train": subprocess.Popen(study_command(tmp, "train", "--set", "tracking.experiment=at-once", *AUTO),
+                                  cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "ablate": subprocess.Popen(study_command(tmp, "ablate", "--checkpoint", SWEPT["run_id"], "--out",
+                                                 str(tmp / "ablation-at-once"), *AUTO),
+                                   cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
     }
     out = {name: p.communicate(timeout=480) for name, p in procs.items()}
     for name, p in procs.items():
         assert p.returncode == 0, f"{name}: {out[name][1][-3000:]}"
-    assert "2/2 trials finished" in out["sweep"][0], out["sweep"][0]
-    assert "what this autoscaling cluster holds" in out["sweep"][0], "auto found this cluster, not the session's"
-    run_id = out["train"][0].split("trial run ")[1].split()[0]
-
-    ablated = study(env, tmp_path, "ablate", "--checkpoint", run_id, "--set", "tracking.experiment=auto-train", *auto)
-    assert ablated.returncode == 0, ablated.stderr[-3000:]
-    assert "units ablated one at a time on 100 test images" in ablated.stdout, ablated.stdout
+    assert "done: train/acc" in out["train"][0], out["train"][0]
+    assert "units ablated one at a time on 100 test images" in out["ablate"][0], out["ablate"][0]
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    ablation_runs = client.search_runs([client.get_experiment_by_name("auto-train").experiment_id],
-                                       filter_string="tags.kind = 'ablation'")
-    assert [r.data.tags["source_run_id"] for r in ablation_runs] == [run_id]
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    ablations = client.search_runs([client.get_experiment_by_name("autoscaling").experiment_id],
+                                   filter_string="tags.kind = 'ablation'")
+    assert [r.data.tags["source_run_id"] for r in ablations] == [SWEPT["run_id"]] * 2, "both ablations logged"

@@ -202,6 +202,17 @@ def fake_cifar100(root: Path, n_train=40, n_test=20) -> None:
         pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)]}, f)
 
 
+def official(root, monkeypatch):
+    """Make torchvision's checksum table name the fabricated files' MD5s, so every integrity check runs for real."""
+    import hashlib
+
+    base = root / CIFAR100.base_folder
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in base.iterdir()}
+    monkeypatch.setattr(CIFAR100, "train_list", [["train", md5["train"]]])
+    monkeypatch.setattr(CIFAR100, "test_list", [["test", md5["test"]]])
+    monkeypatch.setattr(CIFAR100, "meta", {**CIFAR100.meta, "md5": md5["meta"]})
+
+
 def test_fabricated_cifar100_loads_through_torchvision(tmp_path, monkeypatch):
     # only the checksum checks are patched (the class's and the meta file's)
     monkeypatch.setattr(CIFAR100, "_check_integrity", lambda self: True)

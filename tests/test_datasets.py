@@ -11,7 +11,7 @@ import pytest
 import torch
 from torchvision.datasets import CIFAR100, Places365
 
-from tests.test_data import SHAPES_CFG, fake_cifar100, fake_places365
+from tests.test_data import SHAPES_CFG, fake_cifar100, fake_places365, official
 from trainables import data as D
 from trainables.config import DataConfig
 from trainables.datasets import DATASETS, MEAN_STD, NUM_CLASSES, DatasetSpec, as_data_config, dataset_spec
@@ -81,17 +81,6 @@ def test_shapes_arrays_are_make_shapes_at_the_configured_seeds(tmp_path):
 
 
 # --------------------------------------------------------------------------- cifar100
-
-
-def official(root, monkeypatch):
-    """Make torchvision's checksum table name the fabricated files' MD5s, so every integrity check runs for real."""
-    import hashlib
-
-    base = root / CIFAR100.base_folder
-    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in base.iterdir()}
-    monkeypatch.setattr(CIFAR100, "train_list", [["train", md5["train"]]])
-    monkeypatch.setattr(CIFAR100, "test_list", [["test", md5["test"]]])
-    monkeypatch.setattr(CIFAR100, "meta", {**CIFAR100.meta, "md5": md5["meta"]})
 
 
 def test_cifar100_loads_from_a_fabricated_tree(tmp_path, monkeypatch):

@@ -11,10 +11,15 @@ from .conftest import ROOT
 BLOCKED = "import sys; [sys.modules.__setitem__(m, None) for m in ('ray', 'mlflow', 'optuna', 'typer')]"
 
 
-def run_check(*args: str) -> subprocess.CompletedProcess:
-    code = f"{BLOCKED}; import runpy; sys.argv = ['gpu_check.py', *{list(args)!r}]; " \
-           f"runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')"
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """``benchmarks/<name>`` with ``args``, in a process where ray, mlflow, optuna and typer cannot be imported."""
+    code = f"{BLOCKED}; import runpy; sys.argv = [{name!r}, *{list(args)!r}]; " \
+           f"runpy.run_path('benchmarks/{name}', run_name='__main__')"
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def run_check(*args: str) -> subprocess.CompletedProcess:
+    return run_script("gpu_check.py", *args)
 
 
 def test_without_cuda_it_says_in_one_line_that_it_skipped():
@@ -31,9 +36,7 @@ def test_its_checks_pass_on_the_cpu_without_ray_mlflow_or_optuna():
 
 
 def run_gpu_benchmark(*args: str) -> subprocess.CompletedProcess:
-    code = f"{BLOCKED}; import runpy; sys.argv = ['gpu.py', *{list(args)!r}]; " \
-           f"runpy.run_path('benchmarks/gpu.py', run_name='__main__')"
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return run_script("gpu.py", *args)
 
 
 def test_the_gpu_benchmark_skips_in_one_line_without_cuda_and_runs_without_ray_mlflow_or_optuna():

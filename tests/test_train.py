@@ -166,14 +166,16 @@ def test_cli_train_user_error_is_one_line_exit_2(run_study, tmp_path):
 
 def test_a_relative_data_root_is_read_by_every_worker_where_the_driver_found_it(ray_cluster, tmp_path, monkeypatch):
     """Ray Train V2 runs its workers in directories of their own, so ``data.root=data`` must be resolved
-    on the driver. The fabricated CIFAR-100 tree has no valid checksums: a worker that finds it stops at
-    torchvision's integrity check ("incomplete or corrupted"); one that looks elsewhere says "was not found"."""
+    on the driver. The fabricated CIFAR-100 tree passes the driver's checksum check (its MD5s are patched
+    in, in this process only), not a worker's: a worker that finds it stops at torchvision's integrity check
+    ("incomplete or corrupted"); one that looks elsewhere says "was not found"."""
     from study.train import TrainingFailed
 
-    from .test_data import fake_cifar100
+    from .test_data import fake_cifar100, official
 
     monkeypatch.chdir(tmp_path)
     fake_cifar100(tmp_path / "data")
+    official(tmp_path / "data", monkeypatch)
     cfg = small_config(tmp_path, "data.name=cifar100", "data.root=data", "train.num_workers=1",
                        "train.max_failures=0", "train.epochs=1")
     with pytest.raises(TrainingFailed) as info:
