@@ -22,7 +22,6 @@ numbers, one layer per mask file or image-level label (layers overlap freely).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import re
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from analysis.concepts import ConceptSet
+from trainables.datasets import opened_image
 from trainables.errors import DataError
 
 __all__ = ["BrodenData", "read_labels"]
@@ -74,21 +74,6 @@ def read_labels(root: str | Path, categories: list[str]) -> ConceptSet:
     k = max(names)
     return ConceptSet(tuple(names.get(i, f"label{i}") for i in range(1, k + 1)),
                       tuple(cats.get(i, "unknown") for i in range(1, k + 1)))
-
-
-@contextlib.contextmanager
-def _opened(path: Path, what: str):
-    """``PIL.Image.open(path)``, fully decoded; a truncated or non-image file is a :class:`DataError` naming it."""
-    from PIL import Image
-
-    try:
-        im = Image.open(path)
-        im.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"Broden {what} {path} is damaged ({str(exc).splitlines()[0] if str(exc) else 'unreadable'})"
-                        ) from None
-    with im:
-        yield im
 
 
 class BrodenData:
@@ -161,10 +146,7 @@ class BrodenData:
     def _image(self, name: str) -> np.ndarray:
         from PIL import Image
 
-        path = self.root / "images" / name
-        if not path.is_file():
-            raise DataError(f"Broden image {path} is missing")
-        with _opened(path, "image") as im:
+        with opened_image(self.root / "images" / name, "Broden image") as im:
             im = im.convert("RGB")
             if im.size != (self.image_size[1], self.image_size[0]):
                 im = im.resize((self.image_size[1], self.image_size[0]), Image.BILINEAR)
@@ -172,9 +154,7 @@ class BrodenData:
 
     def _mask(self, name: str) -> np.ndarray:
         path = self.root / "images" / name
-        if not path.is_file():
-            raise DataError(f"Broden mask {path} is missing")
-        with _opened(path, "mask") as im:
+        with opened_image(path, "Broden mask") as im:
             rgb = np.asarray(im.convert("RGB"), dtype=np.int64)
         if rgb.shape[:2] != self.mask_size:
             raise DataError(f"Broden mask {path} is {rgb.shape[1]}x{rgb.shape[0]}, index.csv says "

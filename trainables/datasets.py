@@ -22,6 +22,7 @@ to get it. Every function taking ``data`` (the data section) accepts a
 
 from __future__ import annotations
 
+import contextlib
 import time
 import urllib.error
 from collections.abc import Mapping
@@ -37,7 +38,7 @@ from trainables.shapes import CATEGORIES, CONCEPTS, SHAPES_CLASSES, make_shapes
 
 __all__ = [
     "DATASETS", "MEAN_STD", "NUM_CLASSES", "Cifar100Spec", "DatasetSpec", "Places365Spec", "ShapesSpec",
-    "as_data_config", "check_image", "dataset_spec", "load_cifar100", "places365_dataset",
+    "as_data_config", "check_image", "dataset_spec", "opened_image", "load_cifar100", "places365_dataset",
 ]
 
 MeanStd = tuple[tuple[float, float, float], tuple[float, float, float]]
@@ -166,18 +167,28 @@ class ShapesSpec(DatasetSpec):
         return as_data_config(data).image_size
 
 
-def check_image(path: Path, what: str) -> None:
-    """A :class:`DataError` naming ``path`` when it is missing, truncated or not an image."""
+@contextlib.contextmanager
+def opened_image(path: Path, what: str):
+    """``PIL.Image.open(path)``, fully decoded; a missing, truncated or non-image file is one
+    :class:`DataError` naming it (``what``: "Places365 image", "Broden mask", ...)."""
     from PIL import Image
 
     if not path.is_file():
         raise DataError(f"{what} {path} is missing")
     try:
-        with Image.open(path) as im:
-            im.load()
+        im = Image.open(path)
+        im.load()
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{what} {path} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
                         ) from None
+    with im:
+        yield im
+
+
+def check_image(path: Path, what: str) -> None:
+    """A :class:`DataError` naming ``path`` when it is missing, truncated or not an image."""
+    with opened_image(path, what):
+        pass
 
 
 # --------------------------------------------------------------------------- CIFAR-100
