@@ -6,6 +6,15 @@ dissected layer only; :func:`batch_acts` pairs each batch's activations (or ones
 kept from an earlier pass) with its concept label maps; :func:`image_chunks`
 splits a batch so that one upsampled (images, units, positions) chunk stays
 within :data:`CHUNK_ELEMENTS`.
+
+Pruning: most (image, unit) pairs never come near a unit's threshold. Bilinear
+values are convex combinations of the map's own values, so no upsampled value
+of a pair exceeds its map's peak (:func:`peak_bound` adds the few ulps that
+rounding can add). The passes compare that bound with a threshold (or a running
+lower bound of it) and upsample only the pairs that can matter
+(:func:`pair_values`, :func:`pair_chunks`); they give the same results as
+upsampling every pair, because :func:`analysis.upsample.upsample_rows` computes
+each map on its own.
 """
 
 from __future__ import annotations
@@ -16,9 +25,19 @@ import torch
 from torch import nn
 
 from analysis.hooks import retain_layers, unit_layer
+from analysis.upsample import upsample_rows
 from trainables.errors import ConfigError, DataError
 
-__all__ = ["CHUNK_ELEMENTS", "batch_acts", "image_chunks", "layer_acts", "on_device"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "batch_acts",
+    "image_chunks",
+    "layer_acts",
+    "on_device",
+    "pair_chunks",
+    "pair_values",
+    "peak_bound",
+]
 
 # Elements of one upsampled (images, units, positions) chunk: 2**24 (64 MiB float32); also
 # keeps every matmul's sum of ones below 2**24, so float32 counts are exact.
@@ -64,7 +83,6 @@ def layer_acts(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     return a.float()
 
 
-
 def image_chunks(b: int, per_image: int) -> list[tuple[int, int]]:
     """(lo, hi) image ranges whose (images x ``per_image``) elements stay within :data:`CHUNK_ELEMENTS`."""
     step = max(1, CHUNK_ELEMENTS // max(1, per_image))
@@ -84,3 +102,26 @@ def batch_acts(model, layer, batches, acts, device):
         if a.shape[0] != labels.shape[0]:
             raise DataError(f"a batch has {a.shape[0]} images but {labels.shape[0]} label maps")
         yield a, labels
+
+
+def peak_bound(peaks: torch.Tensor) -> torch.Tensor:
+    """An upper bound on every bilinearly upsampled value of maps whose largest values are ``peaks``.
+
+    Bilinear weights are non-negative and sum to 1, so an upsampled value is at
+    most the map's peak; in float32 the weights may sum to 1 plus a few ulps, so
+    the bound adds 2**-20 of the peak (16 ulps) and the smallest normal float. A
+    zero peak stays 0: weighted sums of values <= 0 stay <= 0.
+    """
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.where(peaks == 0, peaks, peaks + peaks.abs() * 2.0**-20 + tiny)
+
+
+def pair_chunks(pairs: int, positions: int) -> list[tuple[int, int]]:
+    """(lo, hi) ranges of ``pairs`` (image, unit) maps whose upsampled values stay within :data:`CHUNK_ELEMENTS`."""
+    return image_chunks(pairs, positions)
+
+
+def pair_values(acts: torch.Tensor, image: torch.Tensor, unit: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(n, P) the values of the (image, unit) pairs ``acts[image[i], unit[i]]`` at ``size`` (P = H W):
+    upsampled, or the map itself when ``size`` is its own."""
+    return upsample_rows(acts[image, unit], size)

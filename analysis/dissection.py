@@ -27,8 +27,11 @@ names the ids (the concept data: :mod:`analysis.concepts`).
 
 Speed: pass 1 can keep the layer's activations at their own (small) resolution
 (``keep_acts=True``) and pass 2 reuse them (``acts=``), so the network runs once
-per image; the forward pass stops at the dissected layer. Counting is exact in
-float32 matmuls because each chunk sums fewer than 2**24 ones.
+per image; the forward pass stops at the dissected layer. Pass 2 upsamples only
+the (image, unit) pairs whose map peak can exceed ``t_u``
+(:func:`analysis.activations.peak_bound`; about a tenth of them at q = 0.01):
+the others have no active position. It counts from the active positions
+themselves (integer adds), so the cost follows q, not the number of concepts.
 
 Concept labels (:func:`label_units`): each unit's best concept by IoU and its
 category; a detector when IoU >= ``iou_threshold`` (paper 0.04).
@@ -44,7 +47,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from analysis.activations import batch_acts, image_chunks, layer_acts, on_device
+from analysis.activations import batch_acts, layer_acts, on_device, pair_chunks, pair_values, peak_bound
 from analysis.concepts import ConceptSet
 from analysis.hooks import eval_mode
 from analysis.thresholds import (
@@ -56,7 +59,6 @@ from analysis.thresholds import (
     threshold_pass,
     top_k_for,
 )
-from analysis.upsample import upsample_unit_major
 from trainables.errors import ConfigError, DataError
 
 __all__ = [
@@ -182,13 +184,13 @@ def iou_pass(
     U = t.numel()
     per_category = concept_category is not None
     if per_category:
-        cat_of = torch.cat([torch.zeros(1, dtype=torch.long), concept_category.long().cpu()]).to(device)
         G = int(concept_category.max()) + 1 if concept_category.numel() else 0
+        # each concept id's category; id 0 (no concept) goes to an extra column G
+        cat_of = torch.cat([torch.full((1,), G, dtype=torch.long), concept_category.long().cpu()]).to(device)
         category_area = torch.zeros(U, G, dtype=torch.long, device=device)
-    inter = torch.zeros(U, K + 1, dtype=torch.long, device=device)
+    inter = torch.zeros(U * (K + 1), dtype=torch.long, device=device)  # (U, K + 1) flat; column 0: no concept
     unit_area = torch.zeros(U, dtype=torch.long, device=device)
     concept_area = torch.zeros(K + 1, dtype=torch.long, device=device)
-    lookup = torch.zeros(K + 1, dtype=torch.long, device=device)
     positions = 0
     ctx = eval_mode(work) if work is not None else contextlib.nullcontext()
     with ctx, torch.no_grad():
@@ -198,38 +200,38 @@ def iou_pass(
             if int(labels.max()) > K or int(labels.min()) < 0:
                 raise DataError(f"label maps hold concept ids outside 0..{K}")
             size = tuple(labels.shape[-2:])
-            b_all, L, p = labels.shape[0], labels.shape[1], size[0] * size[1]
-            positions += b_all * p
-            present = labels.unique()
-            present = present[present > 0]  # (Kp,) ids in this batch
-            kp = present.numel()
-            lookup.zero_()
-            lookup[present] = torch.arange(1, kp + 1, device=device)
-            for lo, hi in image_chunks(b_all, max(U, kp + 1) * p):  # = pass 1's chunks when Kp < U
-                b = hi - lo
-                # (U, b P): [a_u > t_u]
-                on = upsample_unit_major(a[lo:hi], size).sub_(t[:, None]).sign_().clamp_(min=0)
-                if kp == 0:
-                    unit_area += on.sum(1).round().long()
-                    continue
-                compact = lookup[labels[lo:hi].reshape(b, L, p)]  # (b, L, P) in 0..Kp
-                masks = torch.zeros(b, kp + 1, p, device=device, dtype=on.dtype)
-                masks.scatter_(1, compact, 1.0)  # OR over layers
-                masks[:, 0] = 1  # column 0 of the product: the unit area
-                concept_area[present] += masks[:, 1:].sum((0, 2)).round().long()
-                if per_category:  # per image: (b, U, Kp + 1) = (b, U, P) @ (b, P, Kp + 1)
-                    per_image = (on.view(U, b, p).transpose(0, 1) @ masks.transpose(1, 2)).round().long()
-                    hits = torch.zeros(b, U, G, dtype=torch.long, device=device)
-                    hits.scatter_add_(2, cat_of[present].expand(b, U, kp), (per_image[:, :, 1:] > 0).long())
-                    category_area += (per_image[:, :, :1] * (hits > 0)).sum(0)
-                    prod = per_image.sum(0)
-                else:
-                    prod = (on @ masks.transpose(1, 2).reshape(b * p, kp + 1)).round().long()  # (U, Kp + 1)
-                unit_area += prod[:, 0]
-                inter[:, present] += prod[:, 1:]
+            b, L, p = labels.shape[0], labels.shape[1], size[0] * size[1]
+            positions += b * p
+            ids = _once_per_pixel(labels.reshape(b, L, p))  # (b, L, P)
+            concept_area += torch.bincount(ids.reshape(-1), minlength=K + 1)
+            # only pairs whose values can exceed t_u have any active position
+            image, unit = (peak_bound(a.flatten(2).amax(2)) > t[None]).nonzero(as_tuple=True)
+            for lo, hi in pair_chunks(image.numel(), p):
+                i, u = image[lo:hi], unit[lo:hi]
+                on = pair_values(a, i, u, size) > t[u, None]  # (n, P) [a_u > t_u]
+                area = on.sum(1)
+                unit_area.index_add_(0, u, area)
+                row, pixel = on.nonzero(as_tuple=True)
+                hit = ids[i[row], :, pixel]  # (m, L) the concepts at each active position
+                inter.index_add_(0, (u[row, None] * (K + 1) + hit).view(-1),
+                                 torch.ones(1, dtype=torch.long, device=device).expand(hit.numel()))
+                if per_category:  # the pair's area counts for each category it overlaps
+                    overlaps = torch.zeros(hi - lo, G + 1, dtype=torch.long, device=device)
+                    overlaps[row[:, None].expand(-1, L), cat_of[hit]] = 1
+                    category_area.index_add_(0, u, area[:, None] * overlaps[:, :G])
+    inter = inter.view(U, K + 1)
     return ConceptCounts(layer, thresholds.cpu().float(), inter[:, 1:].cpu(), unit_area.cpu(),
                          concept_area[1:].cpu(), positions, category_area.cpu() if per_category else None,
                          concept_category.long().cpu() if per_category else None)
+
+
+def _once_per_pixel(labels: torch.Tensor) -> torch.Tensor:
+    """(b, L, P) label layers with a concept held by several layers at one pixel kept once (the others 0)."""
+    if labels.shape[1] == 1:
+        return labels
+    ids = labels.sort(1).values
+    ids[:, 1:][ids[:, 1:] == ids[:, :-1]] = 0
+    return ids
 
 
 # --------------------------------------------------------------------------- labels

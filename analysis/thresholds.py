@@ -22,8 +22,15 @@ both mergeable over data shards (``a + b``), give the same ``t_u``:
   only, which pins the key exactly. Memory ``U x 65,536`` int64 per task,
   whatever N is: 256 MiB for 512 units. Costs one more pass over the data.
 
-Both also record each image's largest value per unit (``image_max``), which
-ranks Figure 3's images.
+Both also record each image's peak per unit (``image_max``: the largest value
+of the unit's own feature map, by which NetDissect-Lite ranks a unit's top
+images), which ranks Figure 3's images.
+
+Pruning: both upsample only the (image, unit) pairs that can matter. A pair's
+upsampled values never exceed its map's peak (:func:`analysis.activations.peak_bound`),
+so ``top_k`` skips pairs whose bound is at most the unit's running k-th value,
+and level 2 of ``histogram`` skips pairs whose bound lies below the unit's bin.
+The results are those of upsampling every pair, to the bit (tested).
 """
 
 from __future__ import annotations
@@ -36,7 +43,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from analysis.activations import batch_acts, image_chunks, on_device
+from analysis.activations import (
+    CHUNK_ELEMENTS,
+    batch_acts,
+    image_chunks,
+    on_device,
+    pair_chunks,
+    pair_values,
+    peak_bound,
+)
 from analysis.hooks import eval_mode
 from analysis.upsample import upsample_unit_major
 from trainables.errors import ConfigError, DataError
@@ -59,6 +74,9 @@ __all__ = [
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 BINS = 1 << 16  # bins per unit in each radix pass: 16 of the key's 32 bits
+# Activations (own resolution) the top_k pass prunes together: 128 MiB float32. Pairs are taken in
+# descending peak order within a group, so a larger group prunes more.
+GROUP_ELEMENTS = 2**25
 
 
 # --------------------------------------------------------------------------- results
@@ -72,7 +90,7 @@ class TopActivations:
         layer: the unit layer.
         values: (U, k) float32, each row sorted descending (k = :func:`top_k_for`).
         positions: positions seen (images x positions).
-        image_max: (n, U) each image's largest upsampled activation per unit, images in order
+        image_max: (n, U) each image's peak per unit (the largest value of its own feature map), images in order
             (concatenated by ``+``: add shards in data order). Ranks Figure 3's images.
     """
 
@@ -117,7 +135,8 @@ class ThresholdHistogram:
         counts: (U, BINS) int64. Level 1 (``prefix`` None): keys counted by their high 16 bits.
             Level 2: only the keys whose high bits are ``prefix[u]``, counted by their low 16 bits.
         positions: positions seen (images x positions), all of them, at both levels.
-        image_max: (n, U) each image's largest value per unit, images in order (``+`` concatenates).
+        image_max: (n, U) each image's peak per unit (its own feature map's largest value), images in
+            order (``+`` concatenates).
         prefix: (U,) int64 high-bit bin each unit's level-2 counts are restricted to, or None.
     """
 
@@ -225,9 +244,10 @@ def histogram_bytes(units: int) -> int:
 # --------------------------------------------------------------------------- passes
 
 
-def _unit_values(model, layer, batches, device, on, kept, acts) -> Iterator[tuple[torch.Tensor, int]]:
-    """(U, b P) unit-major chunks of the values the quantile is taken over, with their b images; appends
-    the layer's activations to ``kept``; ``acts`` (kept by an earlier pass on the same batches) skips the model."""
+def _layer_batches(model, layer, batches, device, on, kept, acts) -> Iterator[tuple[torch.Tensor, tuple, torch.Tensor]]:
+    """Per batch: the layer's activations (b, U, h, w), the size the quantile's values have (the masks' when
+    ``on`` is ``upsampled``, the map's own when ``raw``) and each map's peak (b, U). Appends the activations
+    to ``kept``; ``acts`` (kept by an earlier pass on the same batches) skips the model."""
     if on not in ("upsampled", "raw"):
         raise ConfigError(f"threshold pass on = {on!r}; use 'upsampled' or 'raw'")
     work = on_device(model, device) if acts is None else None
@@ -237,10 +257,55 @@ def _unit_values(model, layer, batches, device, on, kept, acts) -> Iterator[tupl
             if kept is not None:
                 kept.append(a.cpu())
             size = tuple(labels.shape[-2:]) if on == "upsampled" else tuple(a.shape[-2:])
-            u, p = a.shape[1], size[0] * size[1]
-            for lo, hi in image_chunks(a.shape[0], u * p):
-                yield (upsample_unit_major(a[lo:hi], size) if on == "upsampled"
-                       else a[lo:hi].transpose(0, 1).reshape(u, -1)), hi - lo
+            yield a, size, a.flatten(2).amax(2)
+
+
+def _groups(take: torch.Tensor, positions: int) -> Iterator[tuple[torch.Tensor, int]]:
+    """Units with ``take > 0`` grouped by their take rounded up to a power of two (little padding), each
+    group cut so that (units x width x positions) stays within :data:`CHUNK_ELEMENTS`; yields (units, width)."""
+    take = take.cpu()
+    units = (take > 0).nonzero()[:, 0]
+    bucket = torch.ceil(torch.log2(take[units].double())).long()
+    for j in bucket.unique().tolist():
+        group = units[bucket == j]
+        width = int(take[group].max())
+        rows = max(1, CHUNK_ELEMENTS // (width * positions))
+        for lo in range(0, group.numel(), rows):
+            yield group[lo : lo + rows], width
+
+
+def _merge_top(top: torch.Tensor, a: torch.Tensor, peaks: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Each unit's running top values (U, k), unsorted, -inf where fewer than k are held, merged with the
+    values of a group of images (activations ``a``, their peaks (b, U)).
+
+    Only the (image, unit) pairs that can change the top are upsampled: a pair whose
+    :func:`~analysis.activations.peak_bound` is at most the unit's running k-th value
+    holds no larger value, so the top keeps the same values without it. Per unit the
+    images are taken in descending peak order, in rounds that double: first enough
+    to hold k values, then twice as many each round, while the next image's bound
+    still exceeds the (raised) k-th value.
+    """
+    u, k = top.shape
+    b, p = a.shape[0], size[0] * size[1]
+    bound, order = peak_bound(peaks).t().sort(1, descending=True)  # (U, b) per unit, highest peak first
+    done = torch.zeros(u, dtype=torch.long, device=top.device)  # images taken so far per unit, in that order
+    step = -(-k // p)  # images per unit in the first round: enough to hold k values
+    most = max(1, CHUNK_ELEMENTS // p)  # images per unit per round
+    while True:
+        kth = top.amin(1)  # the k-th largest value held (the top is kept unsorted)
+        left = ((bound > kth[:, None]).sum(1) - done).clamp_min(0)
+        take = left.clamp(max=min(step, most))
+        if not bool((take > 0).any()):
+            return top
+        for units, width in _groups(take, p):
+            units = units.to(top.device)
+            cols = done[units, None] + torch.arange(width, device=top.device)  # (n, width) ranks
+            image = order[units[:, None], cols.clamp(max=b - 1)]
+            vals = pair_values(a, image.reshape(-1), units.repeat_interleave(width), size).view(-1, width, p)
+            vals.masked_fill_((cols >= (done + take)[units, None])[..., None], -math.inf)  # padding
+            top[units] = torch.cat([top[units], vals.view(units.numel(), -1)], 1).topk(k, 1, sorted=False).values
+        done += take
+        step *= 2
 
 
 def threshold_pass(
@@ -264,21 +329,30 @@ def threshold_pass(
     exactly. With ``keep_acts`` also returns the layer's activations per batch
     (CPU, own resolution) for :func:`analysis.dissection.iou_pass`; ``acts`` such
     activations of the same batches, to skip the model (``model`` may be None).
+    Upsamples only the (image, unit) pairs that can reach the top (:func:`_merge_top`).
     """
     k = top_k_for(quantile, total_positions)
     top, seen, maxes, kept = None, 0, [], [] if keep_acts else None
-    for flat, b in _unit_values(model, layer, batches, device, on, kept, acts):
-        u = flat.shape[0]
-        maxes.append(flat.view(u, b, -1).amax(2).t().cpu())
-        seen += flat.shape[1]
-        flat = flat.topk(min(k, flat.shape[1]), dim=1).values
-        if top is not None:
-            flat = torch.cat([top, flat], 1)
-            flat = flat.topk(min(k, flat.shape[1]), dim=1).values
-        top = flat
+    group, group_size = [], None  # batches pruned together (the larger, the better the pruning), their size
+
+    def merged(top):
+        return _merge_top(top, torch.cat([g for g, _ in group]), torch.cat([m for _, m in group]), group_size)
+
+    for a, size, peaks in _layer_batches(model, layer, batches, device, on, kept, acts):
+        maxes.append(peaks.cpu())
+        seen += a.shape[0] * size[0] * size[1]
+        if top is None:
+            top = torch.full((a.shape[1], k), -math.inf, device=a.device)
+        if group and (group_size != size or sum(g.numel() for g, _ in group) + a.numel() > GROUP_ELEMENTS):
+            top, group = merged(top), []
+        group.append((a, peaks))
+        group_size = size
+    if group:
+        top = merged(top)
     if top is None:
         raise DataError("threshold_pass got no images")
-    result = TopActivations(layer, top.cpu(), seen, torch.cat(maxes))
+    result = TopActivations(layer, top.sort(1, descending=True).values[:, : min(k, seen)].cpu(), seen,
+                            torch.cat(maxes))
     return (result, kept) if keep_acts else result
 
 
@@ -297,27 +371,36 @@ def histogram_pass(
 
     ``prefix`` None: level 1, every value counted by its key's high 16 bits. ``prefix``
     (U,) from :func:`rank_bins` on the merged level 1: level 2, only the values in
-    bin ``prefix[u]``, counted by their low 16 bits. ``on`` and ``keep_acts`` as in
-    :func:`threshold_pass`, and so is ``acts``. Needs no total: N is the positions seen, merged.
+    bin ``prefix[u]``, counted by their low 16 bits; it upsamples only the (image,
+    unit) pairs whose peak bound reaches the bin's lowest value. ``on`` and
+    ``keep_acts`` as in :func:`threshold_pass`, and so is ``acts``. Needs no total:
+    N is the positions seen, merged.
     """
     counts, seen, maxes, kept = None, 0, [], [] if keep_acts else None
-    for flat, b in _unit_values(model, layer, batches, device, on, kept, acts):
-        u = flat.shape[0]
+    for a, size, peaks in _layer_batches(model, layer, batches, device, on, kept, acts):
+        b, u = peaks.shape
+        p = size[0] * size[1]
         if counts is None:
-            counts = torch.zeros(u * BINS, dtype=torch.long, device=flat.device)
-            offset = torch.arange(u, device=flat.device)[:, None] * BINS
+            counts = torch.zeros(u * BINS, dtype=torch.long, device=a.device)
             if prefix is not None:
-                prefix_on = prefix.to(flat.device).long()[:, None]
-        maxes.append(flat.view(u, b, -1).amax(2).t().cpu())
-        seen += flat.shape[1]
-        keys = float_keys(flat)
-        high = (keys >> 16).long() + BINS // 2
-        if prefix is None:
-            idx = (high + offset).view(-1)
-        else:
-            inside = high == prefix_on
-            idx = ((keys & 0xFFFF).long() + offset)[inside]
-        counts.index_add_(0, idx, torch.ones(1, dtype=torch.long, device=flat.device).expand(idx.numel()))
+                prefix_on = prefix.to(a.device).long()
+                lowest = keys_to_float(prefix_on, torch.zeros_like(prefix_on))  # each unit's bin's lowest value
+        maxes.append(peaks.cpu())
+        seen += b * p
+        if prefix is None:  # every value: unit-major chunks
+            offset = torch.arange(u, device=a.device)[:, None] * BINS
+            for lo, hi in image_chunks(b, u * p):
+                flat = (upsample_unit_major(a[lo:hi], size) if size != tuple(a.shape[-2:])
+                        else a[lo:hi].transpose(0, 1).reshape(u, -1))
+                idx = (((float_keys(flat) >> 16).long() + BINS // 2) + offset).view(-1)
+                counts.index_add_(0, idx, torch.ones(1, dtype=torch.long, device=a.device).expand(idx.numel()))
+            continue
+        image, unit = (peak_bound(peaks) >= lowest[None]).nonzero(as_tuple=True)
+        for lo, hi in pair_chunks(image.numel(), p):
+            keys = float_keys(pair_values(a, image[lo:hi], unit[lo:hi], size))  # (n, P)
+            inside = ((keys >> 16).long() + BINS // 2) == prefix_on[unit[lo:hi], None]
+            idx = ((keys & 0xFFFF).long() + unit[lo:hi, None] * BINS)[inside]
+            counts.index_add_(0, idx, torch.ones(1, dtype=torch.long, device=a.device).expand(idx.numel()))
     if counts is None:
         raise DataError("histogram_pass got no images")
     result = ThresholdHistogram(layer, counts.view(-1, BINS).cpu(), seen, torch.cat(maxes),

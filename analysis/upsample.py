@@ -2,8 +2,15 @@
 
 :func:`upsample` is ``F.interpolate(..., mode="bilinear", align_corners=False)``,
 done as one matmul with the interpolation kernel for small maps;
-:func:`upsample_unit_major` gives the same values reordered unit-major, the
-layout both dissection passes (:mod:`analysis.dissection`) count on.
+:func:`upsample_rows` upsamples a stack of single maps (the (image, unit) pairs
+the dissection passes pick, :mod:`analysis.activations`) and
+:func:`upsample_unit_major` gives the same values reordered unit-major.
+
+Each output map depends only on its own input map, to the bit: a map upsampled
+alone, in any subset or in a whole batch gives the same values (tested), so
+passes that upsample different subsets of pairs compare equal values with the
+same thresholds. (The matmul path pads a single map to two rows: BLAS takes a
+matrix-vector path for one row, whose sums may round differently.)
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["upsample", "upsample_unit_major"]
+__all__ = ["upsample", "upsample_rows", "upsample_unit_major"]
 
 
 # Source positions up to which upsampling is one matmul with the Kronecker product of the
@@ -42,29 +49,36 @@ def _kernel(h: int, w: int, size: tuple[int, int], device, dtype) -> torch.Tenso
     return _KERNELS[key]
 
 
+def upsample_rows(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(n, h, w) single maps -> (n, H W) bilinear (align_corners=False); row i depends on ``maps[i]`` alone."""
+    n, h, w = maps.shape
+    size = tuple(size)
+    if (h, w) == size:
+        return maps.reshape(n, h * w).clone()
+    if h * w <= _MATMUL_SOURCE:
+        k = _kernel(h, w, size, maps.device, maps.dtype)
+        flat = maps.reshape(n, h * w)
+        if n == 1:  # two rows keep BLAS on its matrix-matrix path (see the module docstring)
+            return (flat.repeat(2, 1) @ k)[:1]
+        return flat @ k
+    return F.interpolate(maps.reshape(n, 1, h, w), size=size, mode="bilinear", align_corners=False).view(n, -1)
+
+
 def upsample(acts: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, U, h, w) -> (B, U, H, W) bilinear (align_corners=False), as both passes see ``a_u``.
 
     Small maps (h w <= 64, e.g. conv5_3 of the cifar VGG, 2x2) go through one
     matmul with the interpolation kernel; larger ones through ``F.interpolate``.
-    Both passes call this on the same chunks, so they see the same values.
     """
     b, u, h, w = acts.shape
     if (h, w) == tuple(size):
         return acts
-    if h * w <= _MATMUL_SOURCE:
-        k = _kernel(h, w, tuple(size), acts.device, acts.dtype)
-        return (acts.reshape(b * u, h * w) @ k).view(b, u, *size)
-    return F.interpolate(acts, size=size, mode="bilinear", align_corners=False)
+    return upsample_rows(acts.reshape(b * u, h, w), size).view(b, u, *size)
 
 
 def upsample_unit_major(acts: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(b, U, h, w) -> (U, b * P) upsampled values, unit-major, in a fresh buffer (P = H W)."""
     b, u, h, w = acts.shape
     p = size[0] * size[1]
-    a = acts.transpose(0, 1)  # (U, b, h, w): the small tensor is the one reordered
-    if (h, w) == tuple(size):
-        return a.reshape(u, b * p).clone()
-    if h * w <= _MATMUL_SOURCE:
-        return (a.reshape(u * b, h * w) @ _kernel(h, w, tuple(size), acts.device, acts.dtype)).view(u, b * p)
-    return upsample(a.reshape(u * b, 1, h, w), size).view(u, b * p)
+    a = acts.transpose(0, 1).reshape(u * b, h, w)  # (U b, h, w): the small tensor is the one reordered
+    return upsample_rows(a, size).view(u, b * p)

@@ -234,6 +234,124 @@ def test_thresholds_bracket_the_quantile_when_upsampling_ties_values(q):
     assert (above <= q + 1e-12).all() and (at_or_above >= q - 1e-12).all()
 
 
+# --------------------------------------------------------------------------- pruning
+
+
+@pytest.mark.parametrize("h,w,size", [(2, 2, (32, 32)), (3, 5, (8, 13)), (7, 7, (112, 112)), (14, 14, (112, 112))])
+def test_each_map_upsamples_alone_to_the_same_bits(h, w, size):
+    """The passes upsample different subsets of (image, unit) maps; each map's values must not depend on
+    which others are computed with it (the matmul path and F.interpolate's), one map alone included."""
+    from analysis.upsample import upsample_rows
+
+    g = torch.Generator().manual_seed(5)
+    maps = torch.randn(40, h, w, generator=g).clamp_min(0)
+    full = upsample_rows(maps, size)
+    np.testing.assert_allclose(full.view(40, 1, *size).numpy()[:, 0],
+                               np_bilinear(maps.double().numpy()[:, None], size)[:, 0], rtol=1e-5, atol=1e-6)
+    for n in (1, 2, 3, 17):
+        pick = torch.randperm(40, generator=g)[:n]
+        assert torch.equal(upsample_rows(maps[pick], size), full[pick]), f"{n} maps"
+
+
+def test_no_upsampled_value_exceeds_the_peak_bound():
+    """Bilinear values are weighted means of the map; in float32 the weights can sum past 1 by some ulps.
+    Adversarial maps: one value at the peak everywhere but one cell, negatives, subnormals, zeros."""
+    from analysis.activations import peak_bound
+    from analysis.upsample import upsample_rows
+
+    g = torch.Generator().manual_seed(6)
+    cases = [torch.rand(300, 3, 3, generator=g) * 10.0 ** torch.randint(-40, 38, (300, 1, 1), generator=g),
+             -torch.rand(300, 3, 3, generator=g),  # all negative
+             torch.full((300, 3, 3), 0.7).index_put_((torch.arange(300), torch.full((300,), 1), torch.full((300,), 1)),
+                                                     torch.rand(300, generator=g) * 0.7),
+             torch.zeros(50, 3, 3), -torch.rand(50, 3, 3, generator=g) * torch.tensor([1.0, 0.0, 1.0]).view(1, 1, 3)]
+    for maps in cases:
+        for size in [(8, 8), (7, 11), (32, 32)]:
+            values = upsample_rows(maps, size)
+            bound = peak_bound(maps.flatten(1).amax(1))
+            assert (values <= bound[:, None]).all(), size
+    assert peak_bound(torch.tensor([0.0])).item() == 0.0
+
+
+def _skewed_case(seed=7, n=60, units=6, batch=7):
+    """Sparse maps with a few strong images per unit (so most pairs are pruned), one dead unit and one that
+    is zero on 99.5% of its positions (its threshold is 0), one whose peaks all lie within 1% of each other
+    (a bound a little too low drops its values); two label layers that sometimes repeat a concept."""
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.rand(n, units, 4, 4, generator=g) * (torch.rand(n, units, 1, 1, generator=g) < 0.3)
+    acts *= torch.rand(n, units, 1, 1, generator=g) ** 4 * 10  # peaks spread over orders of magnitude
+    acts[:, 0] = 0  # dead
+    acts[:, 1] = 0
+    acts[::20, 1, 0, 0] = 1.0  # rare
+    acts[:, 2] = 1 + 0.01 * torch.rand(n, 4, 4, generator=g)  # dense, peaks close to the threshold
+    labels = torch.randint(0, 6, (n, 2, 12, 12), generator=g)
+    labels[:, 1] = torch.where(torch.rand(n, 12, 12, generator=g) < 0.3, labels[:, 0], 0)  # same id twice
+    model = nn.Sequential(OrderedDict(fixed=Fixed(acts)))
+    ids = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 2, 2)
+    batches = [(ids[i : i + batch], labels[i : i + batch]) for i in range(0, n, batch)]
+    return model, batches, acts, labels
+
+
+@pytest.mark.parametrize("group", [2**25, 200])
+def test_pruned_passes_equal_the_definitions_and_skip_most_pairs(monkeypatch, group):
+    """Pass 1 (top_k and the histogram's level 2) and pass 2 upsample only the pairs that can matter; the
+    thresholds equal sorting every value, the counts the numpy definitions, the per-category areas a
+    per-image walk. ``group`` 200 activations: every batch pruned on its own."""
+    import analysis.activations
+    import analysis.dissection
+    import analysis.thresholds as th
+
+    monkeypatch.setattr(th, "GROUP_ELEMENTS", group)
+    model, batches, acts, labels = _skewed_case()
+    q, k = 0.02, 5
+    n = labels.shape[0] * labels.shape[-2] * labels.shape[-1]
+    upsampled = []
+
+    def counted(a, image, unit, size):
+        upsampled.append(image.numel())
+        return analysis.activations.pair_values(a, image, unit, size)
+
+    monkeypatch.setattr(th, "pair_values", counted)
+    monkeypatch.setattr(analysis.dissection, "pair_values", counted)
+    top = threshold_pass(model, "fixed", batches, quantile=q, total_positions=n, device="cpu")
+    pass1 = sum(upsampled)
+    t = top.thresholds(q)
+    t_np, inter, area_u, area_c, _ = np_dissection(acts, labels, q, k)
+    from analysis.upsample import upsample
+
+    every = upsample(acts, tuple(labels.shape[-2:])).transpose(0, 1).reshape(acts.shape[1], -1)
+    assert torch.equal(t, every.sort(1, descending=True).values[:, math.floor(q * n)]), "thresholds as by sorting"
+    np.testing.assert_allclose(t.numpy(), t_np, rtol=1e-6)
+    assert t[0] == 0 and t[1] == 0
+    pairs = acts.shape[0] * acts.shape[1]
+    assert pass1 < pairs / 2, f"pass 1 upsampled {pass1} of {pairs} pairs"
+
+    level1 = th.histogram_pass(model, "fixed", batches, device="cpu")
+    prefix, _ = th.threshold_bins(level1, q)
+    upsampled.clear()
+    level2 = th.histogram_pass(model, "fixed", batches, device="cpu", prefix=prefix)
+    assert torch.equal(th.histogram_thresholds(level1, level2, q), t)
+    assert sum(upsampled) < 0.6 * pairs  # the zero-threshold units' 120 pairs all reach the bin of 0
+
+    category = torch.tensor([0, 0, 1, 1, 2])
+    upsampled.clear()
+    counts = iou_pass(model, "fixed", batches, t, num_concepts=k, device="cpu", concept_category=category)
+    assert sum(upsampled) < pairs / 2
+    assert np.array_equal(counts.intersection.numpy(), inter)
+    assert np.array_equal(counts.unit_area.numpy(), area_u)
+    assert np.array_equal(counts.concept_area.numpy(), area_c)
+    up = np_bilinear(acts.double().numpy(), labels.shape[-2:])
+    on = up > t_np[None, :, None, None]  # (N, U, H, W)
+    lab = labels.numpy()
+    want = np.zeros((acts.shape[1], 3), dtype=np.int64)
+    for img in range(acts.shape[0]):
+        for unit in range(acts.shape[1]):
+            concepts_hit = set(lab[img][:, on[img, unit]].ravel().tolist()) - {0}
+            for g_ in {int(category[c - 1]) for c in concepts_hit}:
+                want[unit, g_] += on[img, unit].sum()
+    assert np.array_equal(counts.category_area.numpy(), want)
+
+
 # --------------------------------------------------------------------------- radix-histogram thresholds
 
 
