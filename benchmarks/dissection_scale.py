@@ -1,7 +1,6 @@
 """Dissection at the paper's scale: cost per image, peak memory per task, projected time for all of Broden.
 
-Full-width VGG-16 Places365 (no BatchNorm, random weights: the cost does not
-depend on them) at 224 px, conv5_3 (512 units, 14x14), over ``--images``
+Full-width VGG-16 Places365 (no BatchNorm, random weights) at 224 px, conv5_3 (512 units, 14x14), over ``--images``
 fabricated Broden images in broden1_224's on-disk format (224 px JPEGs, 112 px
 PNG masks, object/part/material/colour columns), loaded batch by batch as a
 ``study dissect`` task does. Two settings, each in a fresh process so that its
@@ -13,6 +12,13 @@ peak resident memory is its own:
   histogram (top_k would keep 7.6 GiB per task at full Broden), whole-set
   denominator: two histogram passes and pass 2, each running the network, as
   ``study dissect`` does for Broden (it keeps no activations between tasks).
+
+The network's cost does not depend on the weights, but the passes' pruning does:
+they upsample only the (image, unit) pairs whose map peak can exceed the unit's
+threshold. A trained unit is selective (few images reach its top 0.5%); a random
+one responds to every image much alike, so nearly every pair's peak exceeds t_u
+and little is pruned. The script prints the share of pairs pass 2 had to
+upsample; with random weights the times are an upper bound for trained ones.
 
 Images are read batch by batch (:class:`analysis.concepts.ConceptBatches`), so a
 task's memory does not grow with its shard, except for each image's peak per
@@ -79,6 +85,7 @@ def run_setting(name: str, root: str, n: int, threads: int, device: str, batch: 
     """One setting in this (fresh) process; puts (name, seconds per pass, peak RSS in bytes) on ``queue``."""
     import torch
 
+    from analysis.activations import peak_bound
     from analysis.broden import BrodenData
     from analysis.concepts import concept_batches
     from analysis.dissection import iou_pass
@@ -122,9 +129,11 @@ def run_setting(name: str, root: str, n: int, threads: int, device: str, batch: 
         iou_pass(model, "conv5_3", batches, t, num_concepts=len(data.concepts), device=device)
         sync()
         times["pass 2 (IoU)"] = time.perf_counter() - t0
+        top = level1
+    kept = float((peak_bound(top.image_max) > t[None]).double().mean())  # pairs pass 2 upsampled
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     gpu_peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
-    queue.put((name, times, peak, gpu_peak))
+    queue.put((name, times, peak, gpu_peak, kept))
 
 
 def main() -> None:
@@ -148,12 +157,12 @@ def main() -> None:
             proc.start()
             results[name] = queue.get()
             proc.join()
-    for name, times, peak, gpu_peak in results.values():
+    for name, times, peak, gpu_peak, kept in results.values():
         per_image = sum(times.values()) / args.images
         parts = ", ".join(f"{k} {v / args.images * 1000:.0f} ms" for k, v in times.items())
         gpu = f", GPU peak {gpu_peak / 2**30:.2f} GiB" if gpu_peak else ""
         print(f"{name}: {per_image * 1000:.0f} ms per image ({parts}); peak memory per task "
-              f"{peak / 2**30:.2f} GiB resident{gpu}")
+              f"{peak / 2**30:.2f} GiB resident{gpu}; pass 2 upsampled {kept:.0%} of (image, unit) pairs")
         print(f"  whole Broden ({BRODEN_IMAGES} images): {BRODEN_IMAGES * per_image / 3600:.1f} h on one such task, "
               f"{BRODEN_IMAGES * per_image / 3600 / 8:.1f} h on 8")
     ndl = results["netdissect-lite"]
