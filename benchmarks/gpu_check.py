@@ -14,7 +14,10 @@ in float32 on the CPU:
    then one epoch on the device: finite losses, images/s;
 2. per-unit ablation of conv5_3: the device's float32 counts against the CPU's
    float64 ones (near-ties may flip a few (unit, image) pairs);
-3. dissection of conv5_3: thresholds and labels against the CPU's.
+3. dissection of conv5_3: thresholds and labels against the CPU's;
+4. the dissection's pruning needs each map upsampled alone to give the same bits
+   as in any batch (:func:`analysis.upsample.upsample_rows`): checked on the
+   device for 2x2 and 14x14 maps, one map alone included.
 
 Without CUDA it prints one line saying it skipped (``--device cpu`` runs the
 same comparisons on the CPU under bf16 autocast, to check the script itself).
@@ -142,6 +145,19 @@ def check_analysis(device, width: float) -> list[tuple[str, bool, str]]:
     results.append(("dissection of conv5_3", t_err.item() <= 1e-3 and same >= 0.95,
                     f"thresholds within {t_err.item():.1e} relative of the CPU's (need 1e-3); labels agree on "
                     f"{same:.0%} of units (need 95%)"))
+
+    from analysis.upsample import upsample_rows
+
+    differ = 0
+    g = torch.Generator().manual_seed(1)
+    for h, size in ((2, (32, 32)), (14, (112, 112))):
+        maps = torch.randn(300, h, h, generator=g).clamp_min(0).to(device)
+        full = upsample_rows(maps, size)
+        for n in (1, 2, 3, 37, 150):
+            pick = torch.randperm(300, generator=g)[:n].to(device)
+            differ += int(not torch.equal(upsample_rows(maps[pick], size), full[pick]))
+    results.append(("row-independent upsampling", differ == 0,
+                    f"{differ} of 10 subsets of maps upsampled to other bits than in the whole batch (need 0)"))
     return results
 
 

@@ -32,7 +32,7 @@ def test_without_cuda_it_says_in_one_line_that_it_skipped():
 def test_its_checks_pass_on_the_cpu_without_ray_mlflow_or_optuna():
     r = run_check("--device", "cpu", "--width", "0.0625", "--images", "128")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.strip().splitlines()[-1] == "gpu_check: 7/7 checks passed"
+    assert r.stdout.strip().splitlines()[-1] == "gpu_check: 8/8 checks passed"
 
 
 def run_gpu_benchmark(*args: str) -> subprocess.CompletedProcess:
