@@ -73,6 +73,7 @@ def main() -> None:
             f"train.t_max={args.epochs}",
             f"train.batch_size={args.batch_size}",
             "train.num_workers=1",
+            "train.cpus_per_worker=1",  # quickstart.yaml gives its one worker both cores; the plain loop has one
             "regularization.focused_dropout.par_rate=0",
             f"tracking.mlflow_uri=sqlite:///{tmp}/mlflow.db",
             f"ray.storage_path={tmp}/ray",
