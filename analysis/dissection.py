@@ -206,7 +206,8 @@ def iou_pass(
             concept_area += torch.bincount(ids.reshape(-1), minlength=K + 1)
             # only pairs whose values can exceed t_u have any active position
             image, unit = (peak_bound(a.flatten(2).amax(2)) > t[None]).nonzero(as_tuple=True)
-            for lo, hi in pair_chunks(image.numel(), p):
+            # a chunk's active positions hold 2 + L int64 indices each in the worst case: bound that, too
+            for lo, hi in pair_chunks(image.numel(), p * (2 + L)):
                 i, u = image[lo:hi], unit[lo:hi]
                 on = pair_values(a, i, u, size) > t[u, None]  # (n, P) [a_u > t_u]
                 area = on.sum(1)
