@@ -29,8 +29,9 @@ Speed: pass 1 can keep the layer's activations at their own (small) resolution
 (``keep_acts=True``) and pass 2 reuse them (``acts=``), so the network runs once
 per image; the forward pass stops at the dissected layer. Pass 2 upsamples only
 the (image, unit) pairs whose map peak can exceed ``t_u``
-(:func:`analysis.activations.peak_bound`; about a tenth of them at q = 0.01):
-the others have no active position. It counts from the active positions
+(:func:`analysis.activations.peak_bound`; a tenth of them in
+``benchmarks/dissection.py``, most of them for units that respond to every image
+alike): the others have no active position. It counts from the active positions
 themselves (integer adds), so the cost follows q, not the number of concepts.
 
 Concept labels (:func:`label_units`): each unit's best concept by IoU and its

@@ -323,6 +323,7 @@ def test_pruned_passes_equal_the_definitions_and_skip_most_pairs(monkeypatch, gr
     assert torch.equal(t, every.sort(1, descending=True).values[:, math.floor(q * n)]), "thresholds as by sorting"
     np.testing.assert_allclose(t.numpy(), t_np, rtol=1e-6)
     assert t[0] == 0 and t[1] == 0
+    assert torch.equal(top.image_max, acts.flatten(2).amax(2)), "Figure 3 ranks by each map's own peak"
     pairs = acts.shape[0] * acts.shape[1]
     assert pass1 < pairs / 2, f"pass 1 upsampled {pass1} of {pairs} pairs"
 
