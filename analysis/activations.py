@@ -101,6 +101,9 @@ def batch_acts(model, layer, batches, acts, device):
             a = layer_acts(model, layer, x.to(device))
         if a.shape[0] != labels.shape[0]:
             raise DataError(f"a batch has {a.shape[0]} images but {labels.shape[0]} label maps")
+        if not bool(torch.isfinite(a).all()):  # NaN would also defeat the peak bounds the passes prune by
+            raise DataError(f"{layer}'s activations hold NaN or inf on batch {i} ({a.shape[0]} images): "
+                            "the checkpoint's weights or the images are broken")
         yield a, labels
 
 

@@ -353,6 +353,20 @@ def test_pruned_passes_equal_the_definitions_and_skip_most_pairs(monkeypatch, gr
     assert np.array_equal(counts.category_area.numpy(), want)
 
 
+def test_activations_with_nan_are_one_error_in_every_pass():
+    from analysis.thresholds import histogram_pass
+    from trainables.errors import DataError
+
+    model, batches, acts, _ = small_case()
+    acts[4, 1, 0, 0] = float("nan")  # image 4: the second batch
+    n = 7 * 8 * 8
+    for run in (lambda: threshold_pass(model, "fixed", batches, quantile=0.1, total_positions=n, device="cpu"),
+                lambda: histogram_pass(model, "fixed", batches, device="cpu"),
+                lambda: iou_pass(model, "fixed", batches, torch.zeros(3), num_concepts=5, device="cpu")):
+        with pytest.raises(DataError, match=r"^fixed's activations hold NaN or inf on batch 1 \(3 images\)"):
+            run()
+
+
 # --------------------------------------------------------------------------- radix-histogram thresholds
 
 
