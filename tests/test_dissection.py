@@ -353,6 +353,50 @@ def test_pruned_passes_equal_the_definitions_and_skip_most_pairs(monkeypatch, gr
     assert np.array_equal(counts.category_area.numpy(), want)
 
 
+def test_pruned_passes_equal_sorting_on_random_shapes(monkeypatch):
+    """40 random cases: map and mask sizes (integer and not), batch sizes, groups, ties, ReLU zeros, dead
+    pairs, both threshold sources, q from 0.001 to 0.9: top_k values, both thresholds and the counts equal
+    the definitions computed over every value."""
+    import random
+
+    import analysis.thresholds as th
+    from analysis.upsample import upsample
+
+    for seed in range(40):
+        rnd, g = random.Random(seed), torch.Generator().manual_seed(seed)
+        n, units, h = rnd.randint(1, 30), rnd.randint(1, 6), rnd.choice([1, 2, 3, 4, 7])
+        size = rnd.choice([h, 2 * h, 3 * h + 1, 16])
+        acts = torch.randn(n, units, h, h, generator=g)
+        if rnd.random() < 0.3:
+            acts = acts.round()
+        if rnd.random() < 0.5:
+            acts = acts.clamp_min(0)
+        acts *= (torch.rand(n, units, 1, 1, generator=g) < rnd.random()).float()
+        model = nn.Sequential(OrderedDict(fixed=Fixed(acts)))
+        ids = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 1, 1)
+        labels = torch.randint(0, 4, (n, 1, size, size), generator=g)
+        b = rnd.randint(1, 8)
+        batches = [(ids[i : i + b], labels[i : i + b]) for i in range(0, n, b)]
+        monkeypatch.setattr(th, "GROUP_ELEMENTS", rnd.choice([1, 50, 2**25]))
+        on, q = rnd.choice(["upsampled", "raw"]), rnd.choice([0.001, 0.01, 0.1, 0.5, 0.9])
+        every = upsample(acts, (size, size))
+        flat = (every if on == "upsampled" else acts).transpose(0, 1).reshape(units, -1).sort(1, descending=True)
+        k = math.floor(q * flat.values.shape[1])
+        top = threshold_pass(model, "fixed", batches, quantile=q, total_positions=flat.values.shape[1],
+                             device="cpu", on=on)
+        assert torch.equal(top.values, flat.values[:, : k + 1]), seed
+        t = flat.values[:, k]
+        level1 = th.histogram_pass(model, "fixed", batches, device="cpu", on=on)
+        level2 = th.histogram_pass(model, "fixed", batches, device="cpu", on=on,
+                                   prefix=th.threshold_bins(level1, q)[0])
+        assert torch.equal(th.histogram_thresholds(level1, level2, q), t), seed
+        counts = iou_pass(model, "fixed", batches, t, num_concepts=3, device="cpu")
+        active = every > t.view(1, -1, 1, 1)
+        assert torch.equal(counts.unit_area, active.sum((0, 2, 3))), seed
+        inter = torch.stack([(active & (labels == c)).sum((0, 2, 3)) for c in (1, 2, 3)], 1)
+        assert torch.equal(counts.intersection, inter), seed
+
+
 def test_activations_with_nan_are_one_error_in_every_pass():
     from analysis.thresholds import histogram_pass
     from trainables.errors import DataError
