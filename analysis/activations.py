@@ -12,7 +12,7 @@ values are convex combinations of the map's own values, so no upsampled value
 of a pair exceeds its map's peak (:func:`peak_bound` adds the few ulps that
 rounding can add). The passes compare that bound with a threshold (or a running
 lower bound of it) and upsample only the pairs that can matter
-(:func:`pair_values`, :func:`pair_chunks`); they give the same results as
+(:func:`pair_values`, in :func:`image_chunks` of pairs); they give the same results as
 upsampling every pair, because :func:`analysis.upsample.upsample_rows` computes
 each map on its own.
 """
@@ -34,7 +34,6 @@ __all__ = [
     "image_chunks",
     "layer_acts",
     "on_device",
-    "pair_chunks",
     "pair_values",
     "peak_bound",
 ]
@@ -84,7 +83,8 @@ def layer_acts(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def image_chunks(b: int, per_image: int) -> list[tuple[int, int]]:
-    """(lo, hi) image ranges whose (images x ``per_image``) elements stay within :data:`CHUNK_ELEMENTS`."""
+    """(lo, hi) ranges of ``b`` images (or (image, unit) pairs) whose (items x ``per_image``) elements stay
+    within :data:`CHUNK_ELEMENTS`."""
     step = max(1, CHUNK_ELEMENTS // max(1, per_image))
     return [(i, min(b, i + step)) for i in range(0, b, step)]
 
@@ -117,11 +117,6 @@ def peak_bound(peaks: torch.Tensor) -> torch.Tensor:
     """
     tiny = torch.finfo(torch.float32).tiny
     return torch.where(peaks == 0, peaks, peaks + peaks.abs() * 2.0**-20 + tiny)
-
-
-def pair_chunks(pairs: int, positions: int) -> list[tuple[int, int]]:
-    """(lo, hi) ranges of ``pairs`` (image, unit) maps whose upsampled values stay within :data:`CHUNK_ELEMENTS`."""
-    return image_chunks(pairs, positions)
 
 
 def pair_values(acts: torch.Tensor, image: torch.Tensor, unit: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

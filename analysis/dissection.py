@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from analysis.activations import batch_acts, layer_acts, on_device, pair_chunks, pair_values, peak_bound
+from analysis.activations import batch_acts, image_chunks, layer_acts, on_device, pair_values, peak_bound
 from analysis.concepts import ConceptSet
 from analysis.hooks import eval_mode
 from analysis.thresholds import (
@@ -208,7 +208,7 @@ def iou_pass(
             # only pairs whose values can exceed t_u have any active position
             image, unit = (peak_bound(a.flatten(2).amax(2)) > t[None]).nonzero(as_tuple=True)
             # a chunk's active positions hold 2 + L int64 indices each in the worst case: bound that, too
-            for lo, hi in pair_chunks(image.numel(), p * (2 + L)):
+            for lo, hi in image_chunks(image.numel(), p * (2 + L)):
                 i, u = image[lo:hi], unit[lo:hi]
                 on = pair_values(a, i, u, size) > t[u, None]  # (n, P) [a_u > t_u]
                 area = on.sum(1)

@@ -48,7 +48,6 @@ from analysis.activations import (
     batch_acts,
     image_chunks,
     on_device,
-    pair_chunks,
     pair_values,
     peak_bound,
 )
@@ -390,13 +389,12 @@ def histogram_pass(
         if prefix is None:  # every value: unit-major chunks
             offset = torch.arange(u, device=a.device)[:, None] * BINS
             for lo, hi in image_chunks(b, u * p):
-                flat = (upsample_unit_major(a[lo:hi], size) if size != tuple(a.shape[-2:])
-                        else a[lo:hi].transpose(0, 1).reshape(u, -1))
+                flat = upsample_unit_major(a[lo:hi], size)  # the map itself when size is its own
                 idx = (((float_keys(flat) >> 16).long() + BINS // 2) + offset).view(-1)
                 counts.index_add_(0, idx, torch.ones(1, dtype=torch.long, device=a.device).expand(idx.numel()))
             continue
         image, unit = (peak_bound(peaks) >= lowest[None]).nonzero(as_tuple=True)
-        for lo, hi in pair_chunks(image.numel(), p):
+        for lo, hi in image_chunks(image.numel(), p):
             keys = float_keys(pair_values(a, image[lo:hi], unit[lo:hi], size))  # (n, P)
             inside = ((keys >> 16).long() + BINS // 2) == prefix_on[unit[lo:hi], None]
             idx = ((keys & 0xFFFF).long() + unit[lo:hi, None] * BINS)[inside]
