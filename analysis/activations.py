@@ -14,7 +14,8 @@ rounding can add). The passes compare that bound with a threshold (or a running
 lower bound of it) and upsample only the pairs that can matter
 (:func:`pair_values`, in :func:`image_chunks` of pairs); they give the same results as
 upsampling every pair, because :func:`analysis.upsample.upsample_rows` computes
-each map on its own.
+each map's values by elementwise arithmetic on that map alone (the same bits in
+any batch, on any machine).
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ __all__ = [
     "peak_bound",
 ]
 
-# Elements of one upsampled (images, units, positions) chunk: 2**24 (64 MiB float32); also
-# keeps every matmul's sum of ones below 2**24, so float32 counts are exact.
+# Elements of one upsampled (images, units, positions) chunk: 2**24 (64 MiB float32).
 CHUNK_ELEMENTS = 2**24
 
 

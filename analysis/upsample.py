@@ -1,75 +1,76 @@
 """Bilinear upsampling of unit activation maps to the concept-mask resolution (network dissection).
 
-:func:`upsample` is ``F.interpolate(..., mode="bilinear", align_corners=False)``,
-done as one matmul with the interpolation kernel for small maps;
 :func:`upsample_rows` upsamples a stack of single maps (the (image, unit) pairs
-the dissection passes pick, :mod:`analysis.activations`) and
-:func:`upsample_unit_major` gives the same values reordered unit-major.
+the dissection passes pick, :mod:`analysis.activations`), :func:`upsample` a
+(B, U, h, w) batch and :func:`upsample_unit_major` gives the same values
+reordered unit-major. The values are ``F.interpolate(..., mode="bilinear",
+align_corners=False)``'s to float32 rounding (tested against a float64 numpy
+definition).
 
-Each output map depends only on its own input map, to the bit: a map upsampled
-alone, in any subset or in a whole batch gives the same values (tested), so
-passes that upsample different subsets of pairs compare equal values with the
-same thresholds. (The matmul path pads a single map to two rows: BLAS takes a
-matrix-vector path for one row, whose sums may round differently.)
+Row independence by construction: each output value is computed from its own
+map's (at most four) taps by elementwise arithmetic in one fixed order, one
+axis at a time, ``w0 * a + w1 * b``: the taps are gathered (a copy), each
+product and each sum is one IEEE-rounded float operation in a kernel of its own
+(no reduction, no BLAS, no fused multiply-add), so a value's bits depend only
+on its map and the output size, not on which other maps share the call, the
+thread count, the CPU's instruction set or the device. The dissection passes
+upsample different subsets of pairs and shards upsample different images; they
+all see the same values (tests run this under several BLAS and thread settings).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["upsample", "upsample_rows", "upsample_unit_major"]
 
 
-# Source positions up to which upsampling is one matmul with the Kronecker product of the
-# two axes' interpolation matrices (faster than F.interpolate on CPUs for small maps).
-_MATMUL_SOURCE = 64
+def _axis_taps(n_in: int, n_out: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices (i0, i1) and weights (w0, w1) of each of ``n_out`` positions along one axis.
 
-
-def _axis_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) bilinear weights along one axis, half-pixel centres, edges clamped (align_corners=False)."""
+    Half-pixel centres, edges clamped (``align_corners=False``). Where the
+    second tap falls off the edge, the first takes all the weight (w0 = 1,
+    w1 = 0), so an edge value is copied exactly.
+    """
     src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5).clamp_min(0)
     i0 = src.floor().long().clamp_max(n_in - 1)
     i1 = (i0 + 1).clamp_max(n_in - 1)
-    lam = src - i0
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    m[torch.arange(n_out), i0] += 1 - lam
-    m[torch.arange(n_out), i1] += lam
-    return m
+    lam = torch.where(i1 == i0, torch.zeros_like(src), src - i0)
+    return (i0.to(device), i1.to(device), (1 - lam).to(device=device, dtype=dtype), lam.to(device=device, dtype=dtype))
 
 
-_KERNELS: dict = {}
+_TAPS: dict = {}
 
 
-def _kernel(h: int, w: int, size: tuple[int, int], device, dtype) -> torch.Tensor:
-    key = (h, w, size, str(device), dtype)
-    if key not in _KERNELS:
-        k = torch.kron(_axis_matrix(h, size[0]), _axis_matrix(w, size[1]))  # (H W, h w)
-        _KERNELS[key] = k.t().contiguous().to(device=device, dtype=dtype)  # (h w, H W)
-    return _KERNELS[key]
+def _taps(n_in: int, n_out: int, device, dtype):
+    key = (n_in, n_out, str(device), dtype)
+    if key not in _TAPS:
+        _TAPS[key] = _axis_taps(n_in, n_out, device, dtype)
+    return _TAPS[key]
+
+
+def _interpolate_axis(x: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
+    """``x`` resampled along ``dim`` to ``n_out`` positions: ``w0 * x[i0] + w1 * x[i1]``, elementwise."""
+    i0, i1, w0, w1 = _taps(x.shape[dim], n_out, x.device, x.dtype)
+    shape = [1] * x.dim()
+    shape[dim] = n_out
+    out = x.index_select(dim, i0).mul_(w0.view(shape))  # a fresh tensor: the in-place ops touch only it
+    return out.add_(x.index_select(dim, i1).mul_(w1.view(shape)))
 
 
 def upsample_rows(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(n, h, w) single maps -> (n, H W) bilinear (align_corners=False); row i depends on ``maps[i]`` alone."""
     n, h, w = maps.shape
-    size = tuple(size)
-    if (h, w) == size:
+    height, width = size
+    if (h, w) == (height, width):
         return maps.reshape(n, h * w).clone()
-    if h * w <= _MATMUL_SOURCE:
-        k = _kernel(h, w, size, maps.device, maps.dtype)
-        flat = maps.reshape(n, h * w)
-        if n == 1:  # two rows keep BLAS on its matrix-matrix path (see the module docstring)
-            return (flat.repeat(2, 1) @ k)[:1]
-        return flat @ k
-    return F.interpolate(maps.reshape(n, 1, h, w), size=size, mode="bilinear", align_corners=False).view(n, -1)
+    rows = _interpolate_axis(maps, 1, height) if h != height else maps  # (n, H, w)
+    out = _interpolate_axis(rows, 2, width) if w != width else rows.clone()  # (n, H, W)
+    return out.view(n, height * width)
 
 
 def upsample(acts: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, U, h, w) -> (B, U, H, W) bilinear (align_corners=False), as both passes see ``a_u``.
-
-    Small maps (h w <= 64, e.g. conv5_3 of the cifar VGG, 2x2) go through one
-    matmul with the interpolation kernel; larger ones through ``F.interpolate``.
-    """
+    """(B, U, h, w) -> (B, U, H, W) bilinear (align_corners=False), as both passes see ``a_u``."""
     b, u, h, w = acts.shape
     if (h, w) == tuple(size):
         return acts

@@ -16,8 +16,9 @@ in float32 on the CPU:
    float64 ones (near-ties may flip a few (unit, image) pairs);
 3. dissection of conv5_3: thresholds and labels against the CPU's;
 4. the dissection's pruning needs each map upsampled alone to give the same bits
-   as in any batch (:func:`analysis.upsample.upsample_rows`): checked on the
-   device for 2x2 and 14x14 maps, one map alone included.
+   as in any batch (:func:`analysis.upsample.upsample_rows`, elementwise IEEE
+   arithmetic by construction): checked on the device for four map and mask
+   sizes, one map alone included, and against the CPU's bits.
 
 Without CUDA it prints one line saying it skipped (``--device cpu`` runs the
 same comparisons on the CPU under bf16 autocast, to check the script itself).
@@ -148,16 +149,19 @@ def check_analysis(device, width: float) -> list[tuple[str, bool, str]]:
 
     from analysis.upsample import upsample_rows
 
-    differ = 0
+    differ = cross = 0
     g = torch.Generator().manual_seed(1)
-    for h, size in ((2, (32, 32)), (14, (112, 112))):
-        maps = torch.randn(300, h, h, generator=g).clamp_min(0).to(device)
-        full = upsample_rows(maps, size)
+    for h, w, size in ((2, 2, (32, 32)), (7, 7, (112, 112)), (3, 5, (8, 13)), (14, 14, (112, 112))):
+        maps = torch.randn(300, h, w, generator=g).clamp_min(0)
+        on_cpu = upsample_rows(maps, size)
+        full = upsample_rows(maps.to(device), size)
+        cross += int(not torch.equal(full.cpu(), on_cpu))
         for n in (1, 2, 3, 37, 150):
-            pick = torch.randperm(300, generator=g)[:n].to(device)
-            differ += int(not torch.equal(upsample_rows(maps[pick], size), full[pick]))
-    results.append(("row-independent upsampling", differ == 0,
-                    f"{differ} of 10 subsets of maps upsampled to other bits than in the whole batch (need 0)"))
+            pick = torch.randperm(300, generator=g)[:n]
+            differ += int(not torch.equal(upsample_rows(maps[pick].to(device), size), full[pick.to(device)]))
+    results.append(("row-independent upsampling", differ == 0 and cross == 0,
+                    f"{differ} of 20 subsets of maps upsampled to other bits than in the whole batch, and {cross} "
+                    "of 4 batches to other bits than on the CPU (need 0 and 0: elementwise IEEE arithmetic)"))
     return results
 
 
