@@ -1,5 +1,6 @@
 """Shared test fixtures: CPU only, tiny models and images."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +50,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Set by tests/test_exact_everywhere.py: keep the thread count its subprocess was started with.
+KEEP_THREADS = "UNITSTUDY_KEEP_THREADS"
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one intra-op thread (OpenMP spin-waits stall on a shared 2-core machine)."""
+    if os.environ.get(KEEP_THREADS):
+        yield
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -81,8 +89,6 @@ def ray_cluster():
     Ray Train's health-check interval is shortened so fault-injection tests spend
     less time waiting for the controller to notice a dead worker.
     """
-    import os
-
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")

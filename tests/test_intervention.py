@@ -57,6 +57,7 @@ def _unchanged(model, before):
     )
 
 
+@pytest.mark.exactness
 def test_output_scaling_by_one_is_the_identity(plain, data):
     x = data[0]
     ref = _logits(plain, x)
@@ -66,6 +67,7 @@ def test_output_scaling_by_one_is_the_identity(plain, data):
         assert torch.equal(_logits(plain, x), ref)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("scale", [2.0, 0.5, 0.25])
 def test_weight_and_bias_scaling_equals_output_scaling_without_batchnorm(plain, data, scale):
     # relu(s * (W*x + b)) = s * relu(W*x + b) for s > 0; by a power of two, bit for bit
@@ -78,6 +80,7 @@ def test_weight_and_bias_scaling_equals_output_scaling_without_batchnorm(plain, 
     assert not torch.equal(by_output, _logits(plain, x))  # the intervention did something
 
 
+@pytest.mark.exactness
 def test_weight_and_bias_scaling_by_three_equals_output_scaling_up_to_rounding(plain, data):
     x = data[0]
     with scale_unit_outputs(plain, "conv5_3", UNITS, 3.0):
@@ -134,6 +137,7 @@ def test_scaled_unit_weights_returns_a_modified_copy(with_bn):
     assert torch.equal(copy.conv5_3.bias[u], before["conv5_3.bias"][u] * 0.5)
 
 
+@pytest.mark.exactness
 def test_intervention_counts_match_evaluating_under_each_intervention(with_bn, data):
     batches = labelled_batches(with_bn, data[0])
     plan = [
@@ -150,6 +154,7 @@ def test_intervention_counts_match_evaluating_under_each_intervention(with_bn, d
     assert (counts.correct.sum(1) != counts.baseline_correct.sum()).any()  # not vacuous
 
 
+@pytest.mark.exactness
 def test_intervention_counts_over_data_shards_add_up(plain, data):
     batches = labelled_batches(plain, data[0])
     plan = table1_interventions([1, 2], [3, 4], factors=(2, 3))
