@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from study.config import StudyConfig
 from trainables.errors import ConfigError
@@ -70,6 +71,33 @@ def isolate_local_cluster() -> str:
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     return "local"
+
+
+def newest_checkpoint(storage: str | None, trial_id: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """(URI, epoch history) of the newest readable checkpoint of trial ``trial_id``'s Train run under ``storage``
+    (a local path or a remote URI such as ``s3://bucket/prefix``); (None, []) when there is none."""
+    import pyarrow.fs as pafs
+
+    from trainables.loop import HISTORY_FILE
+
+    if not storage:
+        return None, []
+    root = f"{storage.rstrip('/')}/train-{trial_id}"
+    try:
+        fs, path = pafs.FileSystem.from_uri(root) if "://" in root else (pafs.LocalFileSystem(), root)
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except (OSError, ValueError):
+        return None, []
+    names = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_")), reverse=True)  # names sort by time
+    for name in names:  # the newest one whose history is whole (a kill may cut a checkpoint's upload)
+        try:
+            with fs.open_input_stream(f"{name}/{HISTORY_FILE}") as f:
+                history = json.loads(f.read())
+        except (OSError, ValueError):
+            continue
+        return (f"{root.split('://')[0]}://{name}" if "://" in root else name), history
+    return None, []
 
 
 def storage_path(cfg: StudyConfig) -> str:

@@ -11,7 +11,10 @@ every sweep trial land in MLflow the same way:
 
 * params: the trial's whole resolved config, dotted keys (``train.lr``);
 * metrics: every ``split/name`` key each epoch, with ``step = epoch``; an epoch
-  already logged for a trial is never logged again (a resumed driver replays none);
+  already logged for a trial is never logged again (a resumed driver replays none),
+  and when a trial ends, every epoch its newest checkpoint holds (``history.json``)
+  that the run lacks is logged then (a kill can land between a checkpoint and its
+  MLflow metrics): the checkpoint is the record;
 * artifact: the final checkpoint (``checkpoint/checkpoint.pt``), or its URI as
   the tag ``checkpoint_uri`` when storage is remote;
 * tags: ``mlflow.parentRunId``, ``trial_id``, ``status``.
@@ -19,7 +22,9 @@ every sweep trial land in MLflow the same way:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,6 +36,8 @@ from ray.tune import Callback
 
 from study.config import StudyConfig
 from study.mlflow_store import client, experiment_id
+from study.runtime import newest_checkpoint
+from trainables.loop import STOP_ENV, stop_point
 
 if TYPE_CHECKING:
     from study.sources import Source
@@ -274,16 +281,10 @@ class TrialLogger(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_for(trial)
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def _log_epoch(self, trial, run_id: str, result: dict[str, Any], step: int) -> None:
+        """One epoch's metrics at ``step`` (and, with the first, the evaluation sizes as params)."""
         from mlflow.entities import Metric, Param
 
-        run_id = self._run_for(trial)
-        epoch = int(result.get("epoch", result.get("training_iteration", 1) - 1))
-        step = epoch + 1  # the console's "epoch 3/10" is step 3
-        if CHECKPOINT_PATH_KEY in result:
-            self.checkpoints[trial.trial_id] = result[CHECKPOINT_PATH_KEY]
-        if step in self.logged[trial.trial_id]:
-            return
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()
                    if is_metric(k, v) and not k.endswith("/images")]
@@ -297,6 +298,31 @@ class TrialLogger(Callback):
             except Exception:  # logged before a resume: MLflow refuses a param written twice
                 pass
         self.logged[trial.trial_id].add(step)
+
+    def _reconcile(self, trial, run_id: str) -> None:
+        """Log every epoch the trial's newest checkpoint holds and the run lacks; that checkpoint is the final one."""
+        uri, history = newest_checkpoint((trial.config or {}).get("storage_path"), trial.trial_id)
+        missing = [h for h in history if int(h["epoch"]) + 1 not in self.logged[trial.trial_id]]
+        for metrics in sorted(missing, key=lambda h: h["epoch"]):
+            self._log_epoch(trial, run_id, metrics, int(metrics["epoch"]) + 1)
+        if missing and not self.quiet:
+            steps = ", ".join(str(int(h["epoch"]) + 1) for h in missing)
+            print(f"[{trial.trial_id}] epoch(s) {steps} logged from the checkpoint (a kill kept them from MLflow)",
+                  flush=True)
+        if uri:
+            self.checkpoints[trial.trial_id] = uri
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_for(trial)
+        epoch = int(result.get("epoch", result.get("training_iteration", 1) - 1))
+        step = epoch + 1  # the console's "epoch 3/10" is step 3
+        if CHECKPOINT_PATH_KEY in result:
+            self.checkpoints[trial.trial_id] = result[CHECKPOINT_PATH_KEY]
+        if step in self.logged[trial.trial_id]:
+            return
+        stop_point(os.environ.get(STOP_ENV), "logging", step)
+        self._log_epoch(trial, run_id, result, step)
+        stop_point(os.environ.get(STOP_ENV), "logged", step)
         if not self.quiet:
             epochs = self._trial_epochs(trial)
             pen = f"  penalty {result['train/penalty']:.4f}" if result.get("train/penalty") else ""
@@ -310,6 +336,7 @@ class TrialLogger(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
+        self._reconcile(trial, run_id)
         path = self.checkpoints.get(trial.trial_id)
         if path:
             self.client.set_tag(run_id, "checkpoint_uri", path)
@@ -323,6 +350,7 @@ class TrialLogger(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
+        self._reconcile(trial, run_id)
         self._summarize(run_id)
         self.client.set_tag(run_id, "status", "failed")
         self.client.set_terminated(run_id, "FAILED")
@@ -366,7 +394,9 @@ def log_analysis_run(
     trial-1a2b3c4d``), carrying that trial's hyperparameters (:func:`source_params`)
     plus this analysis's own settings (``params``, ``<kind>.*``); its description
     links to the source run. ``metrics`` should be prefixed ``<kind>/``; ``started`` (``time.time()``
-    when the command began) makes the run's duration the analysis's.
+    when the command began) makes the run's duration the analysis's. A RUNNING run of the same analysis
+    (tag ``analysis_key``: kind, checkpoint, config), left by a killed command, is deleted first, so a
+    rerun leaves one run with every metric and artifact once.
     """
     from mlflow.entities import Metric, RunTag
 
@@ -383,6 +413,12 @@ def log_analysis_run(
         link = f"the checkpoint of [{of}](#/experiments/{exp}/runs/{source.run_id})"
     if source.parent_run_id:
         tags["study_run_id"] = source.parent_run_id
+    # A kill between creating the run and finishing it leaves a RUNNING run; its rerun replaces it.
+    key = hashlib.sha256(json.dumps([kind, source.fingerprint, cfg.dump()], sort_keys=True, default=str).encode())
+    tags["analysis_key"] = key.hexdigest()[:16]
+    for stale in c.search_runs([exp], filter_string=f"tags.analysis_key = '{tags['analysis_key']}' "
+                                                    "and attributes.status = 'RUNNING'"):
+        c.delete_run(stale.info.run_id)
     run_id = c.create_run(exp, run_name=f"{kind} of {of}", tags=tags,
                           start_time=int(1000 * started) if started else None).info.run_id
     section = "ablation" if kind in ("ablation", "intervention") else kind
@@ -393,6 +429,7 @@ def log_analysis_run(
         params=_params({**trained, **own, **params}),
         tags=[RunTag("mlflow.note.content", f"{kind.capitalize()} of {link}. {summary}".strip())],
     )
+    stop_point(os.environ.get(STOP_ENV), "analysis", 0)
     log_config_yaml(c, run_id, cfg.dump(), name=f"{kind}_config.yaml")
     for f in files:
         c.log_artifact(run_id, str(f))

@@ -14,6 +14,7 @@ and validates the result again.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from study.runtime import (
 )
 from study.tracking import TrialLogger, start_parent_run
 from trainables.errors import ConfigError, UnitstudyError
+from trainables.loop import STOP_ENV
 
 
 class TrainingFailed(UnitstudyError):
@@ -76,7 +78,8 @@ def trial_fn(trial_config: dict[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": dump, "num_classes": cfg.num_classes},
+        train_loop_config={"config": dump, "num_classes": cfg.num_classes,
+                           "test_stop": trial_config.get("test_stop")},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -178,7 +181,8 @@ def run_trials(
         )
         tuner = ray.tune.Tuner(
             trainable,
-            param_space={**param_space, "storage_path": storage},
+            param_space={**param_space, "storage_path": storage,
+                         **({"test_stop": os.environ[STOP_ENV]} if os.environ.get(STOP_ENV) else {})},
             tune_config=tune_config(),
             run_config=ray.tune.RunConfig(
                 name=name,

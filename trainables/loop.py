@@ -7,8 +7,11 @@ the configured regularizers, one evaluation of the whole validation and test
 sets (each rank a disjoint block; counts all-reduced), then ``ray.train.report(metrics,
 checkpoint)`` on every rank (rank 0 attaches the checkpoint).
 
-Resuming: ``ray.train.get_checkpoint()`` restores model, optimizer, scheduler and
-epoch. Every random stream is reseeded at the start of each epoch:
+Resuming: ``ray.train.get_checkpoint()`` restores model, optimizer, scheduler,
+epoch and the metric history. The checkpoint is the record: each one carries
+the metrics of every epoch up to it (``history``, also as ``history.json``
+beside ``checkpoint.pt``, small enough for the driver to read), so the driver
+can log an epoch whose result a kill kept from it (:class:`study.tracking.TrialLogger`). Every random stream is reseeded at the start of each epoch:
 torch's global generator (dropout) from ``(train.seed, epoch, rank)``, the
 FocusedDropout generator from ``(train.seed, epoch)`` alone so that all ranks
 agree on which global mini-batches participate (the loader's permutation and
@@ -27,6 +30,7 @@ The only Ray this module touches is ``ray.train``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import tempfile
@@ -47,11 +51,38 @@ from trainables.models import load_vgg16_state_dict
 from trainables.regularizers import batch_loss, build_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.json"  # beside the checkpoint: every epoch's metrics up to it
+# A test hook: "<point>:<step>:<dir>" stops the run the first time it reaches ``point`` of epoch ``step``
+# (from 1): it writes <dir>/stopped-<point>-<step> and waits there to be killed (tests/test_kill_points.py).
+STOP_ENV = "UNITSTUDY_TEST_STOP"
 RNG_SCHEME = "per epoch: torch.manual_seed(seed * 1_000_003 + epoch * 1_009 + rank); FocusedDropout with rank 0"
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return seed * 1_000_003 + epoch * 1_009 + rank
+
+
+def stop_point(spec: str | None, point: str, step: int) -> None:
+    """The :data:`STOP_ENV` hook: wait here (to be killed) the first time ``point`` of epoch ``step`` is reached.
+
+    Points: ``report`` (a worker has the epoch's metrics, its checkpoint is not
+    yet persisted), ``logging`` (the driver has the result, the checkpoint is
+    persisted, MLflow has not the metrics), ``logged`` (MLflow has them, Tune's
+    state is not yet saved), ``analysis`` (an analysis run is created, its
+    artifacts not yet logged; step 0). Fires once per directory: a resumed run
+    passes through.
+    """
+    if not spec:
+        return
+    want, at, where = spec.split(":", 2)
+    if want != point or int(at) != step:
+        return
+    marker = Path(where) / f"stopped-{point}-{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    time.sleep(600)
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -173,7 +204,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tcfg.t_max)
 
-    start_epoch, resumed = 0, False
+    start_epoch, resumed, history = 0, False, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -182,6 +213,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, resumed = state["epoch"] + 1, True
+        history = [h for h in state.get("history") or [] if h["epoch"] <= state["epoch"]]
     model = ray.train.torch.prepare_model(model)  # DDP when world_size > 1 (gloo on CPU, nccl on GPU)
     focused = [m for m in model.modules() if isinstance(m, FocusedDropout)]
 
@@ -218,10 +250,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             e_loss, e_correct, e_n = sums.tolist()
             metrics.update({f"{split}/loss": e_loss / max(e_n, 1), f"{split}/acc": e_correct / max(e_n, 1),
                             f"{split}/images": e_n})
+        history.append(metrics)
+        stop_point(config.get("test_stop"), "report", epoch + 1)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                state = checkpoint_dict(model, optimizer, scheduler, epoch, dump, rng_scheme=RNG_SCHEME)
+                state = checkpoint_dict(model, optimizer, scheduler, epoch, dump, rng_scheme=RNG_SCHEME,
+                                        history=history)
                 save_checkpoint(Path(tmp) / CHECKPOINT_FILE, state)
+                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
