@@ -30,6 +30,7 @@ from study.intervene import run_intervention
 from study.sources import prepare
 from trainables.checkpoint import checkpoint_dict, save_checkpoint
 from trainables.data import MEAN_STD, DeviceLoader, load_arrays, train_val_split
+from trainables.loop import STOP_ENV
 from trainables.models import vgg16
 
 from .conftest import ROOT
@@ -460,3 +461,43 @@ def test_a_killed_dissection_driver_resumes_computing_each_part_once(setup, tmp_
     for field in ("intersection", "unit_area", "concept_area"):
         assert torch.equal(getattr(resumed.counts, field), getattr(whole.counts, field))
     assert resumed.units.equals(whole.units)
+
+
+@pytest.mark.slow
+def test_an_ablation_killed_while_logging_its_run_leaves_one_whole_run_after_the_rerun(setup, first_run, tmp_path):
+    """Every part is saved (the first run's); the driver is SIGKILLed with its MLflow run created and its metrics
+    logged but not its artifacts. The rerun deletes that half-logged run and logs one whole run."""
+    import ray
+
+    out, stops = setup["tmp"] / "out", tmp_path / "stops"
+    args = [sys.executable, "-m", "study.cli", "ablate", "--checkpoint", str(setup["path"]), "--out", str(out)]
+    for item in [*setup["sets"], f"ray.address={ray.get_runtime_context().gcs_address}"]:
+        args += ["--set", item]
+    proc = subprocess.Popen(args, cwd=setup["tmp"], env=dict(os.environ, **{STOP_ENV: f"analysis:0:{stops}"}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not (stops / "stopped-analysis-0").exists():
+            assert proc.poll() is None, f"study ablate ended before logging: {proc.stderr.read()[-2000:]}"
+            assert time.time() < deadline, "study ablate never reached its MLflow run"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    c = setup["client"]
+    exp = c.get_experiment_by_name("test").experiment_id
+    (killed,) = c.search_runs([exp], filter_string="tags.kind = 'ablation' and attributes.status = 'RUNNING'")
+    assert not c.list_artifacts(killed.info.run_id), "killed before its artifacts"
+
+    rerun = run_ablation(str(setup["path"]), overrides=setup["sets"], out=out, quiet=True)
+    assert not rerun.fan_out.computed, "every part was saved: only the logging ran again"
+    assert c.get_run(killed.info.run_id).info.lifecycle_stage == "deleted"
+    assert not c.search_runs([exp], filter_string="tags.kind = 'ablation' and attributes.status = 'RUNNING'")
+    run = c.get_run(rerun.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["analysis_key"] == killed.data.tags["analysis_key"]
+    for key in run.data.metrics:
+        assert len(c.get_metric_history(rerun.run_id, key)) == 1, key
+    names = sorted(a.path for a in c.list_artifacts(rerun.run_id))
+    assert names == sorted(a.path for a in c.list_artifacts(first_run.run_id)) and len(names) == len(set(names))
