@@ -395,8 +395,8 @@ def log_analysis_run(
     plus this analysis's own settings (``params``, ``<kind>.*``); its description
     links to the source run. ``metrics`` should be prefixed ``<kind>/``; ``started`` (``time.time()``
     when the command began) makes the run's duration the analysis's. A RUNNING run of the same analysis
-    (tag ``analysis_key``: kind, checkpoint, config), left by a killed command, is deleted first, so a
-    rerun leaves one run with every metric and artifact once.
+    (tag ``analysis_key``: kind, checkpoint, data, model and analysis settings), left by a killed command,
+    is deleted first, so a rerun leaves one run with every metric and artifact once.
     """
     from mlflow.entities import Metric, RunTag
 
@@ -413,15 +413,17 @@ def log_analysis_run(
         link = f"the checkpoint of [{of}](#/experiments/{exp}/runs/{source.run_id})"
     if source.parent_run_id:
         tags["study_run_id"] = source.parent_run_id
-    # A kill between creating the run and finishing it leaves a RUNNING run; its rerun replaces it.
-    key = hashlib.sha256(json.dumps([kind, source.fingerprint, cfg.dump()], sort_keys=True, default=str).encode())
+    # A kill between creating the run and finishing it leaves a RUNNING run; its rerun replaces it. The key is
+    # what defines the analysis (not where it ran: ray.address, the output folder).
+    section = "ablation" if kind in ("ablation", "intervention") else kind
+    defining = {k: v for k, v in cfg.dump().items() if k in ("data", "model", section)}
+    key = hashlib.sha256(json.dumps([kind, source.fingerprint, defining], sort_keys=True, default=str).encode())
     tags["analysis_key"] = key.hexdigest()[:16]
     for stale in c.search_runs([exp], filter_string=f"tags.analysis_key = '{tags['analysis_key']}' "
                                                     "and attributes.status = 'RUNNING'"):
         c.delete_run(stale.info.run_id)
     run_id = c.create_run(exp, run_name=f"{kind} of {of}", tags=tags,
                           start_time=int(1000 * started) if started else None).info.run_id
-    section = "ablation" if kind in ("ablation", "intervention") else kind
     own = {f"{section}.{k}": v for k, v in flatten(cfg.dump()[section]).items()} if section in cfg.dump() else {}
     c.log_batch(
         run_id,
