@@ -13,7 +13,9 @@ from pathlib import Path
 
 from study.config import StudyConfig
 
-__all__ = ["EXPERIMENT_KIND", "artifact_root", "client", "experiment_id"]
+__all__ = ["EXPERIMENT_KIND", "PARENT_TAG", "artifact_root", "client", "experiment_id"]
+
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag nesting a run under its parent (a trial under its study)
 
 _OPENED: set[str] = set()  # sqlite stores this process has opened (created or checked their schema)
 

@@ -1,7 +1,7 @@
 """The tracking server from the user's side: is it there, and links into its UI.
 
 :func:`check_tracking` refuses an ``http(s)://`` tracking URI that does not answer,
-before any Ray work. The links: a run's page, an experiment's runs table, and a
+before any Ray work; :func:`short_keys` names swept parameters for columns. The links: a run's page, an experiment's runs table, and a
 saved view of one study's trials.
 
 MLflow 3 opens an experiment on its GenAI traces overview; every link here carries
@@ -15,10 +15,24 @@ from __future__ import annotations
 import json
 
 from study.config import StudyConfig
-from study.mlflow_store import client, experiment_id
-from study.tracking import PARENT_TAG, short_keys
+from study.mlflow_store import PARENT_TAG, client, experiment_id
 
-__all__ = ["check_tracking", "run_url", "runs_url", "save_trials_view", "trials_view_key", "ui_hint"]
+__all__ = ["check_tracking", "run_url", "runs_url", "save_trials_view", "short_keys", "trials_view_key", "ui_hint"]
+
+
+def short_keys(paths: list[str]) -> dict[str, str]:
+    """Readable column names for swept paths: the last part (``par_rate``, ``lambda``), two parts where the
+    last is ambiguous (``dropout.rate``), the whole path where even that collides."""
+    out: dict[str, str] = {}
+    for path in paths:
+        parts = path.split(".")
+        for n in range(1, len(parts) + 1):
+            key = ".".join(parts[-n:])
+            clash = any(other != path and other.split(".")[-n:] == parts[-n:] for other in paths)
+            if not clash and (n > 1 or parts[-1] not in ("rate", "seed", "h", "type", "name", "root")):
+                break
+        out[path] = key
+    return out
 
 
 def check_tracking(cfg: StudyConfig, timeout_s: float = 5.0) -> None:

@@ -28,10 +28,9 @@ import torch
 
 from analysis.evaluation import model_from_state_dict
 from study.config import StudyConfig, apply_overrides, read_yaml, validate
-from study.mlflow_store import client
+from study.mlflow_store import PARENT_TAG, client
 from study.mlflow_ui import check_tracking
 from study.runtime import with_absolute_paths
-from study.tracking import PARENT_TAG
 from trainables.checkpoint import load_checkpoint
 from trainables.errors import CheckpointError, ConfigError
 from trainables.models import scaled_width

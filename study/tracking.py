@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from study.config import StudyConfig
-from study.mlflow_store import client, experiment_id
+from study.mlflow_store import PARENT_TAG, client, experiment_id
+from study.mlflow_ui import save_trials_view, short_keys
 from study.runtime import newest_checkpoint
 from trainables.loop import STOP_ENV, stop_point
 
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
     from study.sources import Source
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # ray.tune.integration.ray_train.CHECKPOINT_PATH_KEY
-PARENT_TAG = "mlflow.parentRunId"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -83,21 +83,6 @@ def model_params(dump: dict[str, Any]) -> dict[str, Any]:
     return flatten({k: dump[k] for k in MODEL_SECTIONS if k in dump})
 
 
-def short_keys(paths: list[str]) -> dict[str, str]:
-    """Readable column names for swept paths: the last part (``par_rate``, ``lambda``), two parts where the
-    last is ambiguous (``dropout.rate``), the whole path where even that collides."""
-    out: dict[str, str] = {}
-    for path in paths:
-        parts = path.split(".")
-        for n in range(1, len(parts) + 1):
-            key = ".".join(parts[-n:])
-            clash = any(other != path and other.split(".")[-n:] == parts[-n:] for other in paths)
-            if not clash and (n > 1 or parts[-1] not in ("rate", "seed", "h", "type", "name", "root")):
-                break
-        out[path] = key
-    return out
-
-
 def swept_paths(cfg: StudyConfig) -> list[str]:
     """The config paths a study varies (search space, grid, methods' overrides, seeds)."""
     paths = list(cfg.sweep.space) + list(cfg.sweep.grid)
@@ -128,8 +113,6 @@ def start_parent_run(cfg: StudyConfig, kind: str, name: str, tags: dict[str, str
                                        f"varying {swept}; chosen on {cfg.sweep.metric}. Its trials are the nested "
                                        "runs (kind=trial); the whole config is config.yaml."}
     run = c.create_run(experiment_id(cfg), run_name=name, tags=all_tags)
-    from study.mlflow_ui import save_trials_view
-
     c.set_tag(run.info.run_id, "trials_view", save_trials_view(cfg, run.info.run_id, swept_paths(cfg),
                                                                   bool(cfg.sweep.methods)))
     sweep = {f"sweep.{k}": v for k, v in (("num_samples", cfg.sweep.num_samples), ("scheduler", cfg.sweep.scheduler),
