@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from study.config import StudyConfig
+from study.joining import check_ray_auth, quiet_startup_notices
+from study.storage import check_writable, is_remote, worker_env
 from trainables.errors import ConfigError
 
 # The Tune function trainable itself holds one CPU while its TorchTrainer runs.
@@ -38,6 +40,11 @@ def init_ray(cfg: StudyConfig) -> None:
     address = cfg.ray.address
     if address is None and not os.environ.get("RAY_ADDRESS"):
         address = isolate_local_cluster()
+    if address != "local":
+        check_ray_auth(address or os.environ.get("RAY_ADDRESS", ""))
+        env = worker_env()
+        if env:  # the object store's endpoint and credentials, for workers on nodes that lack them
+            kwargs["runtime_env"] = {"env_vars": env}
     if address == "local":
         kwargs["num_cpus"] = cfg.ray.num_cpus
         # A new local cluster turns token authentication on and says so on every start; keep it on, unsaid.
@@ -49,6 +56,7 @@ def init_ray(cfg: StudyConfig) -> None:
         ray.init(address=address, **kwargs)
     except ConnectionError as exc:
         raise ConfigError(f"cannot reach the Ray cluster at ray.address = {cfg.ray.address!r}: {exc}") from None
+    quiet_startup_notices()
 
 
 def isolate_local_cluster() -> str:
@@ -73,9 +81,10 @@ def isolate_local_cluster() -> str:
 
 
 def storage_path(cfg: StudyConfig) -> str:
-    """Absolute local path (created and checked writable) or a remote URI, unchanged."""
+    """Absolute local path (created and checked writable) or a remote URI (checked writable), unchanged."""
     raw = cfg.ray.storage_path
-    if "://" in raw:
+    if is_remote(raw):
+        check_writable(raw)  # a missing bucket or refused credentials: one line, before Ray starts
         return raw
     path = Path(raw).expanduser().resolve()
     probe = path / f".write-probe-{uuid.uuid4().hex}"

@@ -31,6 +31,7 @@ from study.runtime import (
     with_absolute_paths,
     worker_resources,
 )
+from study.storage import as_uri
 from study.tracking import TrialLogger, start_parent_run
 from trainables.errors import ConfigError, UnitstudyError
 
@@ -212,7 +213,8 @@ def run_trials(
                 "search": (result.config or {}).get("search", {}),
                 "metrics": {k: v for k, v in metrics.items() if "/" in k or k == "epoch"},
                 "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300],
-                "checkpoint_path": metrics.get("checkpoint_path"),
+                "checkpoint_path": as_uri(storage, metrics["checkpoint_path"]) if metrics.get("checkpoint_path")
+                else None,
                 "run_id": runs[0].info.run_id if runs else None,
             }
         )
