@@ -25,7 +25,7 @@ from pathlib import Path
 
 from trainables.errors import CheckpointError, ConfigError
 
-__all__ = ["WORKER_ENV", "as_uri", "check_writable", "fetch", "is_remote", "worker_env"]
+__all__ = ["WORKER_ENV", "as_uri", "check_writable", "fetch", "is_remote", "latest_folder", "worker_env"]
 
 # The variables that say which object store and with which credentials. Set where `study` runs, they are
 # passed to every process of its Ray job (runtime_env env_vars); a node's own environment and instance
@@ -124,3 +124,19 @@ def fetch(uri: str, dst: Path) -> Path:
             raise CheckpointError(f"there is no file at {uri} ({reason})") from None
         raise CheckpointError(f"cannot read {uri} ({reason}); {_hint(code)}") from None
     return dst
+
+
+def latest_folder(uri: str, prefix: str, marker: str) -> str | None:
+    """The name of the folder under ``uri`` starting with ``prefix`` whose ``marker`` file is newest, or None."""
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(uri, "the storage")
+    try:
+        folders = [i for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix)]
+        marked = [(m.mtime, f.base_name) for f in folders
+                  if (m := fs.get_file_info(f"{f.path}/{marker}")).type == pafs.FileType.File]
+    except OSError as exc:
+        reason, code = _reason(exc)
+        raise ConfigError(f"cannot list {uri} ({reason}); {_hint(code)}") from None
+    return max(marked, key=lambda t: (t[0] is not None, t[0] or 0, t[1]))[1] if marked else None

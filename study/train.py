@@ -31,7 +31,7 @@ from study.runtime import (
     with_absolute_paths,
     worker_resources,
 )
-from study.storage import as_uri
+from study.storage import as_uri, is_remote, latest_folder
 from study.tracking import TrialLogger, start_parent_run
 from trainables.errors import ConfigError, UnitstudyError
 
@@ -226,14 +226,15 @@ def run_trials(
 
 
 def latest_study(storage: str, kind: str) -> str:
-    """Name of the most recently modified ``<kind>-*`` experiment under local ``storage``."""
-    if "://" in storage:
-        raise ConfigError(f"with remote storage, name the {kind} to resume (--name)")
-    found = sorted(Path(storage).glob(f"{kind}-*"), key=lambda p: p.stat().st_mtime)
-    found = [p for p in found if (p / "tuner.pkl").exists()]
+    """Name of the ``<kind>-*`` experiment under ``storage`` (a folder or a bucket) whose ``tuner.pkl`` is newest."""
+    if is_remote(storage):
+        found = latest_folder(storage, f"{kind}-", "tuner.pkl")
+    else:
+        paths = [p for p in Path(storage).glob(f"{kind}-*") if (p / "tuner.pkl").exists()]
+        found = max(paths, key=lambda p: (p / "tuner.pkl").stat().st_mtime).name if paths else None
     if not found:
         raise ConfigError(f"there is no {kind} to resume under {storage}")
-    return found[-1].name
+    return found
 
 
 def train(cfg: StudyConfig, *, config_path: str | None = None, quiet: bool = False) -> StudyResult:

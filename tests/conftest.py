@@ -126,7 +126,7 @@ def stop_process_group(proc) -> None:
 
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=3)  # uvicorn's graceful shutdown can take 20 s; nothing here needs it
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -220,3 +220,13 @@ def start_mlflow_server(root: Path, artifacts_destination: str, env: dict | None
         stop_process_group(proc)
         raise
     return uri, proc
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_store, tmp_path_factory):
+    """One ``mlflow server`` for the session, as ``cluster.yaml`` runs it on the head: a sqlite backend and
+    ``--artifacts-destination s3://<bucket>/mlflow`` on the session's S3 server. (uri, artifact key prefix)."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    uri, proc = start_mlflow_server(root, f"s3://{s3_store.bucket}/mlflow", env=s3_store.env)
+    yield uri, "mlflow/"
+    stop_process_group(proc)

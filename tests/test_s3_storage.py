@@ -29,7 +29,7 @@ from study.report import report
 from study.runtime import storage_path
 from trainables.errors import ConfigError
 
-from .conftest import ROOT, start_mlflow_server, stop_process_group
+from .conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -57,44 +57,49 @@ def terminated_in_bucket(store, prefix: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster_setup(ray_cluster, s3_store, tmp_path_factory):
-    """The MLflow server on the bucket, and the killed-then-resumed sweep; what the tests read back."""
+def cluster_setup(ray_cluster, s3_store, mlflow_server, tmp_path_factory):
+    """The killed-then-resumed sweep (tracked on the session's MLflow server, whose artifacts are in the bucket)."""
     root = tmp_path_factory.mktemp("s3-cluster")
-    uri, server = start_mlflow_server(root, f"s3://{s3_store.bucket}/mlflow", env=s3_store.env)
-    try:
-        sets = [*SMALL, f"tracking.mlflow_uri={uri}", f"ray.storage_path=s3://{s3_store.bucket}/ray"]
-        address = ray_cluster.get_runtime_context().gcs_address
-        args = [sys.executable, "-m", "study.cli", "sweep", "--config", str(QUICKSTART), "--name", NAME]
-        for item in [*sets, *SWEEP, f"ray.address={address}"]:
-            args += ["--set", item]
-        env = {**os.environ, **s3_store.env, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}
-        for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT"):
-            env.pop(name, None)
-        driver_dir = root / "driver"
-        driver_dir.mkdir()
-        proc = subprocess.Popen(args, cwd=driver_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-        client = MlflowClient(uri)
-        deadline = time.time() + 300
-        while time.time() < deadline and terminated_in_bucket(s3_store, f"ray/{NAME}/") < 1:
-            if proc.poll() is not None:
-                pytest.fail(f"the sweep ended before it could be killed: {proc.stdout.read()[-3000:]}")
-            time.sleep(0.3)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert terminated_in_bucket(s3_store, f"ray/{NAME}/") == 1, "killed after one of the two trials"
-        before = {r.data.tags["trial_id"]: r.info.end_time
-                  for r in client.search_runs([client.get_experiment_by_name("s3").experiment_id],
-                                              filter_string="tags.status = 'finished'")}
-        checkpoints_before = sorted(k for k in s3_store.keys("ray/train-") if k.endswith("/checkpoint.pt"))
+    uri, _ = mlflow_server
+    sets = [*SMALL, f"tracking.mlflow_uri={uri}", f"ray.storage_path=s3://{s3_store.bucket}/ray"]
+    address = ray_cluster.get_runtime_context().gcs_address
+    args = [sys.executable, "-m", "study.cli", "sweep", "--config", str(QUICKSTART), "--name", NAME]
+    for item in [*sets, *SWEEP, f"ray.address={address}"]:
+        args += ["--set", item]
+    env = {**os.environ, **s3_store.env, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}
+    for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT"):
+        env.pop(name, None)
+    driver_dir = root / "driver"
+    driver_dir.mkdir()
+    log = root / "sweep.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=driver_dir, env=env, stdout=out, stderr=subprocess.STDOUT)
+    client = MlflowClient(uri)
 
-        resumed = subprocess.run([*args, "--resume"], cwd=driver_dir, env=env, capture_output=True, text=True,
-                                 timeout=300)
-        assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-        yield {"uri": uri, "sets": sets, "client": client, "finished_before": before, "resumed": resumed,
-               "checkpoints_before": checkpoints_before, "driver_dir": driver_dir, "root": root}
-    finally:
-        stop_process_group(server)
+    def finished() -> int:
+        exp = client.get_experiment_by_name("s3")
+        return len(client.search_runs([exp.experiment_id], filter_string="tags.status = 'finished'")) if exp else 0
+
+    deadline = time.time() + 300
+    while time.time() < deadline and (terminated_in_bucket(s3_store, f"ray/{NAME}/") < 1 or finished() < 1):
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep ended before it could be killed: {log.read_text()[-3000:]}")
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert terminated_in_bucket(s3_store, f"ray/{NAME}/") == 1, "killed after one of the two trials"
+    before = {r.data.tags["trial_id"]: r.info.end_time
+              for r in client.search_runs([client.get_experiment_by_name("s3").experiment_id],
+                                          filter_string="tags.status = 'finished'")}
+    checkpoints_before = sorted(k for k in s3_store.keys("ray/train-") if k.endswith("/checkpoint.pt"))
+
+    # no --name: the newest sweep in the bucket (its tuner.pkl), as after `study sweep` on one's laptop
+    resume = [a for a in args if a not in ("--name", NAME)]
+    resumed = subprocess.run([*resume, "--resume"], cwd=driver_dir, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    return {"uri": uri, "sets": sets, "client": client, "finished_before": before, "resumed": resumed,
+            "checkpoints_before": checkpoints_before, "driver_dir": driver_dir, "root": root}
 
 
 def trial_runs(setup) -> list:
@@ -168,30 +173,34 @@ def test_ablate_and_dissect_by_run_id_from_a_fresh_directory_fetch_the_checkpoin
 
 
 def test_a_missing_bucket_or_refused_credentials_is_one_line_before_ray_starts(s3_store, run_study, tmp_path):
-    env = {**os.environ, **s3_store.env}
-    cases = [
-        ("train", f"s3://no-such-bucket-{os.getpid()}/ray", env,
-         "(NO_SUCH_BUCKET: The specified bucket does not exist); create the bucket or name one that exists"),
-        ("sweep", f"s3://{s3_store.bucket}/refused", {**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"},
-         "(SIGNATURE_DOES_NOT_MATCH: The request signature we calculated does not match the signature you provided"),
-    ]
-    for command, uri, case_env, reason in cases:
-        out = subprocess.run([sys.executable, "-m", "study.cli", command, "--config", str(QUICKSTART),
-                              "--set", f"ray.storage_path={uri}",
-                              "--set", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db"],
-                             cwd=tmp_path, env=case_env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 2, out.stderr[-2000:]
-        assert out.stderr.count("\n") == 1, out.stderr
-        assert out.stderr.startswith(f"error: ray.storage_path = {uri} cannot be written {reason}"), out.stderr
-        assert "Ray" not in out.stdout and not (tmp_path / "ray_results").exists()
-    assert not [k for k in s3_store.keys() if ".write-probe-" in k], "no probe object was left behind"
+    """The command line: one line on stderr, exit 2, nothing started or written (here a refused secret)."""
+    uri = f"s3://{s3_store.bucket}/refused"
+    env = {**os.environ, **s3_store.env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    out = subprocess.run([sys.executable, "-m", "study.cli", "sweep", "--config", str(QUICKSTART),
+                          "--set", f"ray.storage_path={uri}", "--set", f"tracking.mlflow_uri=sqlite:///{tmp_path}/m.db"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith(
+        f"error: ray.storage_path = {uri} cannot be written (SIGNATURE_DOES_NOT_MATCH: The request signature we "
+        "calculated does not match the signature you provided"), out.stderr
+    assert "check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in out.stderr
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "m.db").exists(), "refused before the rest"
 
 
-def test_an_unknown_access_key_names_the_credentials(s3_env, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOSUCHKEY0000000")
-    cfg = load_config(QUICKSTART, [f"ray.storage_path=s3://{s3_env.bucket}/ray"])
+@pytest.mark.parametrize("uri, key_id, reason", [
+    ("s3://no-such-bucket-here/ray", None,
+     "(NO_SUCH_BUCKET: The specified bucket does not exist); create the bucket or name one that exists"),
+    ("s3://BUCKET/ray", "AKIANOSUCHKEY0000000",
+     "(INVALID_ACCESS_KEY_ID: The AWS Access Key Id you provided does not exist in our records); check the credentials"),
+])
+def test_a_missing_bucket_or_an_unknown_key_names_the_storage_path(s3_env, monkeypatch, uri, key_id, reason):
+    uri = uri.replace("BUCKET", s3_env.bucket)
+    if key_id:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    cfg = load_config(QUICKSTART, [f"ray.storage_path={uri}"])
     with pytest.raises(ConfigError) as info:
         storage_path(cfg)
-    assert str(info.value).startswith(
-        f"ray.storage_path = s3://{s3_env.bucket}/ray cannot be written (INVALID_ACCESS_KEY_ID: The AWS Access Key Id "
-        "you provided does not exist in our records); check the credentials")
+    assert str(info.value).startswith(f"ray.storage_path = {uri} cannot be written {reason}")
+    monkeypatch.undo()
+    assert not [k for k in s3_env.keys() if ".write-probe-" in k], "no probe object was left behind"
