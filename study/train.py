@@ -14,6 +14,7 @@ and validates the result again.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -188,6 +189,9 @@ def run_trials(
                 verbose=0,
             ),
         )
+    # After a resume from remote storage Tune may not find a just-finished trial's result files yet and warns
+    # "Failed to fetch metrics"; the trials' values are read back from MLflow below, the record.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     grid = tuner.fit()
     c = client(cfg)
     trials = []
