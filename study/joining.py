@@ -1,4 +1,4 @@
-"""Joining a Ray cluster the kit did not start (``ray.address``): what ``ray.init`` would not say or would say too often.
+"""Joining a Ray cluster the kit did not start (``ray.address``): what ``ray.init`` would not say, or says too often.
 
 * :func:`check_ray_auth`: a cluster that wants a token (Ray's token
   authentication) and does not get the right one is one line naming

@@ -51,8 +51,10 @@ def fabricated_cifar100() -> tuple[bytes, dict[str, str], np.ndarray]:
 
 
 class ArchiveServer:
-    """Serves one archive at /cifar-100-python.tar.gz; counts the GETs that fetch it; ``mode``: whole, short (a truncated file
-    served as if whole) or cut (the connection drops halfway); ``delay`` holds each GET that long first."""
+    """Serves one archive at /cifar-100-python.tar.gz; counts the GETs that fetch it.
+
+    ``mode``: whole, short (a truncated file served as if whole) or cut (the
+    connection drops halfway); ``delay`` holds each GET that long first."""
 
     def __init__(self, archive: bytes):
         self.archive, self.gets, self.mode, self.delay = archive, 0, "whole", 0.0

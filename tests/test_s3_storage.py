@@ -177,7 +177,8 @@ def test_a_missing_bucket_or_refused_credentials_is_one_line_before_ray_starts(s
     uri = f"s3://{s3_store.bucket}/refused"
     env = {**os.environ, **s3_store.env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
     out = subprocess.run([sys.executable, "-m", "study.cli", "sweep", "--config", str(QUICKSTART),
-                          "--set", f"ray.storage_path={uri}", "--set", f"tracking.mlflow_uri=sqlite:///{tmp_path}/m.db"],
+                          "--set", f"ray.storage_path={uri}",
+                          "--set", f"tracking.mlflow_uri=sqlite:///{tmp_path}/m.db"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.count("\n") == 1, out.stderr
@@ -192,7 +193,8 @@ def test_a_missing_bucket_or_refused_credentials_is_one_line_before_ray_starts(s
     ("s3://no-such-bucket-here/ray", None,
      "(NO_SUCH_BUCKET: The specified bucket does not exist); create the bucket or name one that exists"),
     ("s3://BUCKET/ray", "AKIANOSUCHKEY0000000",
-     "(INVALID_ACCESS_KEY_ID: The AWS Access Key Id you provided does not exist in our records); check the credentials"),
+     "(INVALID_ACCESS_KEY_ID: The AWS Access Key Id you provided does not exist in our records); "
+     "check the credentials"),
 ])
 def test_a_missing_bucket_or_an_unknown_key_names_the_storage_path(s3_env, monkeypatch, uri, key_id, reason):
     uri = uri.replace("BUCKET", s3_env.bucket)
