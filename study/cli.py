@@ -210,7 +210,8 @@ def dissect_cmd(
 def quiet_libraries() -> None:
     """Keep the terminal for the kit's own lines: no INFO chatter or notices a user cannot act on.
 
-    MLflow's database-setup INFO lines and artifact download bars, Optuna's
+    MLflow's database-setup INFO lines, artifact download bars and (against a server) the
+    "View run ... at" line of every finished run (the kit prints its own links), Optuna's
     "new study created" line and its experimental-API warning. Warnings and
     errors of every library still show.
     """
@@ -219,6 +220,7 @@ def quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run at" lines: ours carry the view
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
     for name in ("mlflow", "alembic", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -28,15 +28,20 @@ def client(cfg: StudyConfig):
     create it and one fails ("no such column"). The first opening in each process
     is therefore serialised by a lock on the store's directory.
     """
+    import os
+
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    # A server whose artifacts are in a bucket hands clients presigned URLs of the bucket to download from;
+    # the machine running `study` (a laptop through `ray attach -p 5000`) may reach the server and not the
+    # store. Artifacts are streamed through the server unless the user asks otherwise.
+    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     uri = cfg.tracking.mlflow_uri
     mlflow.set_tracking_uri(uri)
     if not uri.startswith("sqlite:///") or uri in _OPENED:
         return MlflowClient(tracking_uri=uri)
     import fcntl
-    import os
 
     folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
     folder.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from study.config import StudyConfig
+from study.joining import check_ray_auth, quiet_startup_notices
+from study.storage import check_writable, is_remote, worker_env
 from trainables.errors import ConfigError
 
 # The Tune function trainable itself holds one CPU while its TorchTrainer runs.
@@ -39,6 +40,11 @@ def init_ray(cfg: StudyConfig) -> None:
     address = cfg.ray.address
     if address is None and not os.environ.get("RAY_ADDRESS"):
         address = isolate_local_cluster()
+    if address != "local":
+        check_ray_auth(address or os.environ.get("RAY_ADDRESS", ""))
+        env = worker_env()
+        if env:  # the object store's endpoint and credentials, for workers on nodes that lack them
+            kwargs["runtime_env"] = {"env_vars": env}
     if address == "local":
         kwargs["num_cpus"] = cfg.ray.num_cpus
         # A new local cluster turns token authentication on and says so on every start; keep it on, unsaid.
@@ -50,6 +56,7 @@ def init_ray(cfg: StudyConfig) -> None:
         ray.init(address=address, **kwargs)
     except ConnectionError as exc:
         raise ConfigError(f"cannot reach the Ray cluster at ray.address = {cfg.ray.address!r}: {exc}") from None
+    quiet_startup_notices()
 
 
 def isolate_local_cluster() -> str:
@@ -73,37 +80,11 @@ def isolate_local_cluster() -> str:
     return "local"
 
 
-def newest_checkpoint(storage: str | None, trial_id: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """(URI, epoch history) of the newest readable checkpoint of trial ``trial_id``'s Train run under ``storage``
-    (a local path or a remote URI such as ``s3://bucket/prefix``); (None, []) when there is none."""
-    import pyarrow.fs as pafs
-
-    from trainables.loop import HISTORY_FILE
-
-    if not storage:
-        return None, []
-    root = f"{storage.rstrip('/')}/train-{trial_id}"
-    try:
-        fs, path = pafs.FileSystem.from_uri(root) if "://" in root else (pafs.LocalFileSystem(), root)
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except (OSError, ValueError):
-        return None, []
-    names = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_")), reverse=True)  # names sort by time
-    for name in names:  # the newest one whose history is whole (a kill may cut a checkpoint's upload)
-        try:
-            with fs.open_input_stream(f"{name}/{HISTORY_FILE}") as f:
-                history = json.loads(f.read())
-        except (OSError, ValueError):
-            continue
-        return (f"{root.split('://')[0]}://{name}" if "://" in root else name), history
-    return None, []
-
-
 def storage_path(cfg: StudyConfig) -> str:
-    """Absolute local path (created and checked writable) or a remote URI, unchanged."""
+    """Absolute local path (created and checked writable) or a remote URI (checked writable), unchanged."""
     raw = cfg.ray.storage_path
-    if "://" in raw:
+    if is_remote(raw):
+        check_writable(raw)  # a missing bucket or refused credentials: one line, before Ray starts
         return raw
     path = Path(raw).expanduser().resolve()
     probe = path / f".write-probe-{uuid.uuid4().hex}"

@@ -4,7 +4,8 @@ Used by ``study ablate``, ``study intervene`` and ``study dissect`` alike:
 
 * :func:`resolve_source` finds the checkpoint: a ``checkpoint.pt`` path (or a
   folder holding one), or an MLflow run id whose ``checkpoint/checkpoint.pt``
-  artifact is downloaded; a path is linked to the trial run that saved it
+  artifact is downloaded (or, with remote Ray storage, the file its
+  ``checkpoint_uri`` tag names, fetched from the bucket); a path is linked to the trial run that saved it
   (:func:`link_source_run`, by its ``checkpoint_uri`` tag).
 * :func:`study_config` takes data and model from the checkpoint's own config
   (the images it was trained for), the other sections from ``--config`` (or the
@@ -31,6 +32,7 @@ from study.config import StudyConfig, apply_overrides, read_yaml, validate
 from study.mlflow_store import PARENT_TAG, client
 from study.mlflow_ui import check_tracking
 from study.runtime import with_absolute_paths
+from study.storage import fetch, is_remote
 from trainables.checkpoint import load_checkpoint
 from trainables.errors import CheckpointError, ConfigError
 from trainables.models import scaled_width
@@ -108,13 +110,16 @@ def _mlflow_run(cfg: StudyConfig, run_id: str):
 
 
 def _download_checkpoint(cfg: StudyConfig, run, dst: Path) -> Path:
-    """The run's ``checkpoint/checkpoint.pt`` artifact, downloaded to ``dst``."""
+    """The run's ``checkpoint/checkpoint.pt`` artifact, downloaded to ``dst``; with remote Ray storage
+    (no artifact, the tag ``checkpoint_uri`` = ``s3://...``) the file is fetched from there."""
     run_id = run.info.run_id
     c = client(cfg)
     names = [a.path for a in c.list_artifacts(run_id, "checkpoint")]
     if CHECKPOINT_ARTIFACT not in names:
         uri = run.data.tags.get("checkpoint_uri")
-        if uri and "://" not in uri and (Path(uri) / "checkpoint.pt").is_file():
+        if uri and is_remote(uri):
+            return fetch(f"{uri.rstrip('/')}/checkpoint.pt", dst / "checkpoint.pt")
+        if uri and (Path(uri) / "checkpoint.pt").is_file():
             return Path(uri) / "checkpoint.pt"
         where = f"; its checkpoint is at {uri}: copy checkpoint.pt from there and pass its path" if uri else ""
         raise CheckpointError(f"MLflow run {run_id} has no {CHECKPOINT_ARTIFACT} artifact{where}")

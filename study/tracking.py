@@ -15,8 +15,9 @@ every sweep trial land in MLflow the same way:
   and when a trial ends, every epoch its newest checkpoint holds (``history.json``)
   that the run lacks is logged then (a kill can land between a checkpoint and its
   MLflow metrics): the checkpoint is the record;
-* artifact: the final checkpoint (``checkpoint/checkpoint.pt``), or its URI as
-  the tag ``checkpoint_uri`` when storage is remote;
+* artifact: the final checkpoint (``checkpoint/checkpoint.pt``); its folder is the
+  tag ``checkpoint_uri``, which with remote storage is the only reference
+  (``s3://bucket/prefix/train-<trial>/checkpoint_<time>``, scheme kept);
 * tags: ``mlflow.parentRunId``, ``trial_id``, ``status``.
 """
 
@@ -37,7 +38,7 @@ from ray.tune import Callback
 from study.config import StudyConfig
 from study.mlflow_store import PARENT_TAG, client, experiment_id
 from study.mlflow_ui import save_trials_view, short_keys
-from study.runtime import newest_checkpoint
+from study.storage import as_uri, is_remote, newest_checkpoint
 from trainables.loop import STOP_ENV, stop_point
 
 if TYPE_CHECKING:
@@ -208,11 +209,14 @@ class TrialLogger(Callback):
         values = {short[path]: float(f"{value:.4g}") if isinstance(value, float) else value
                   for path, value in search.items()}
         described = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in values.items())
+        where = (f"the checkpoint stays in the storage, at the URI of the tag checkpoint_uri (under "
+                 f"{self.cfg.ray.storage_path})." if is_remote(self.cfg.ray.storage_path)
+                 else "the checkpoint is under checkpoint/.")
         tags = {PARENT_TAG: self.parent_run_id, **provenance_tags("trial"), "trial_id": trial.trial_id,
                 "status": "running",
                 "mlflow.note.content": f"Trial {trial.trial_id}" + (f" of method {method}" if method else "")
                                        + (f": {described}" if described else "") + ". The resolved config is "
-                                       "config.yaml; the checkpoint is under checkpoint/."}
+                                       f"config.yaml; {where}"}
         if method is not None:
             tags["method"] = str(method)
             values["method"] = method
@@ -322,8 +326,9 @@ class TrialLogger(Callback):
         self._reconcile(trial, run_id)
         path = self.checkpoints.get(trial.trial_id)
         if path:
-            self.client.set_tag(run_id, "checkpoint_uri", path)
-            if "://" not in path:  # remote storage: the tag is the reference, no copy
+            uri = as_uri(self.cfg.ray.storage_path, path)  # Ray reports s3://b/p/x as b/p/x: the scheme goes back
+            self.client.set_tag(run_id, "checkpoint_uri", uri)
+            if not is_remote(uri):  # remote storage: the tag is the reference, no copy
                 self.client.log_artifacts(run_id, path, artifact_path="checkpoint")
         epochs = self._trial_epochs(trial)
         stopped_early = len(self.logged.get(trial.trial_id, ())) < epochs

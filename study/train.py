@@ -14,6 +14,7 @@ and validates the result again.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 import time
@@ -32,6 +33,7 @@ from study.runtime import (
     with_absolute_paths,
     worker_resources,
 )
+from study.storage import as_uri, is_remote, latest_folder
 from study.tracking import TrialLogger, start_parent_run
 from trainables.errors import ConfigError, UnitstudyError
 from trainables.loop import STOP_ENV
@@ -191,6 +193,9 @@ def run_trials(
                 verbose=0,
             ),
         )
+    # After a resume from remote storage Tune may not find a just-finished trial's result files yet and warns
+    # "Failed to fetch metrics"; the trials' values are read back from MLflow below, the record.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     grid = tuner.fit()
     c = client(cfg)
     trials = []
@@ -216,7 +221,8 @@ def run_trials(
                 "search": (result.config or {}).get("search", {}),
                 "metrics": {k: v for k, v in metrics.items() if "/" in k or k == "epoch"},
                 "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300],
-                "checkpoint_path": metrics.get("checkpoint_path"),
+                "checkpoint_path": as_uri(storage, metrics["checkpoint_path"]) if metrics.get("checkpoint_path")
+                else None,
                 "run_id": runs[0].info.run_id if runs else None,
             }
         )
@@ -228,14 +234,15 @@ def run_trials(
 
 
 def latest_study(storage: str, kind: str) -> str:
-    """Name of the most recently modified ``<kind>-*`` experiment under local ``storage``."""
-    if "://" in storage:
-        raise ConfigError(f"with remote storage, name the {kind} to resume (--name)")
-    found = sorted(Path(storage).glob(f"{kind}-*"), key=lambda p: p.stat().st_mtime)
-    found = [p for p in found if (p / "tuner.pkl").exists()]
+    """Name of the ``<kind>-*`` experiment under ``storage`` (a folder or a bucket) whose ``tuner.pkl`` is newest."""
+    if is_remote(storage):
+        found = latest_folder(storage, f"{kind}-", "tuner.pkl")
+    else:
+        paths = [p for p in Path(storage).glob(f"{kind}-*") if (p / "tuner.pkl").exists()]
+        found = max(paths, key=lambda p: (p / "tuner.pkl").stat().st_mtime).name if paths else None
     if not found:
         raise ConfigError(f"there is no {kind} to resume under {storage}")
-    return found[-1].name
+    return found
 
 
 def train(cfg: StudyConfig, *, config_path: str | None = None, quiet: bool = False) -> StudyResult:

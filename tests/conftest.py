@@ -96,3 +96,141 @@ def ray_cluster():
     ray.init(num_cpus=4, log_to_driver=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc, log_path: Path, what: str, timeout_s: float = 120) -> None:
+    """Poll ``url`` until it answers (any HTTP status); fail with the log's tail if ``proc`` dies or time runs out."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.3)
+    pytest.fail(f"{what} did not come up: {log_path.read_text()[-2000:]}")
+
+
+def stop_process_group(proc) -> None:
+    """End a test server and its children (its own process group): SIGKILL, as nothing of it is kept
+    (uvicorn's graceful shutdown took 20 s)."""
+    import os
+    import signal
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+class S3Store:
+    """An S3-compatible server on 127.0.0.1 (moto's standalone server) that checks credentials.
+
+    ``env``: the standard variables that point boto3, pyarrow (Ray's storage) and
+    MLflow at it with a key it accepts; ``bucket`` exists, empty at the start.
+    """
+
+    def __init__(self, endpoint: str, key_id: str, secret: str, bucket: str):
+        self.endpoint, self.key_id, self.secret, self.bucket = endpoint, key_id, secret, bucket
+        self.env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint,
+                    "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def client(self, **credentials):
+        import boto3
+
+        return boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id=credentials.get("key_id", self.key_id),
+            aws_secret_access_key=credentials.get("secret", self.secret))
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def read(self, key: str) -> bytes:
+        return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """One S3-compatible server for the session: moto's, with IAM authentication on after 3 unchecked calls
+    (which create the user, its policy and the access key the tests use), so wrong credentials are refused."""
+    import json
+    import os
+
+    import boto3
+
+    root = tmp_path_factory.mktemp("s3")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(root / "moto.log", "w")
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    try:
+        wait_for_http(f"{endpoint}/moto-api/", proc, root / "moto.log", "the S3 server (moto)")
+        iam = boto3.session.Session().client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                                             aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="unitstudy")
+        iam.put_user_policy(UserName="unitstudy", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="unitstudy")["AccessKey"]
+        store = S3Store(endpoint, key["AccessKeyId"], key["SecretAccessKey"], "unitstudy-test")
+        store.client().create_bucket(Bucket=store.bucket)
+        yield store
+    finally:
+        stop_process_group(proc)
+        log.close()
+
+
+@pytest.fixture
+def s3_env(s3_store, monkeypatch):
+    """This process pointed at the session's S3 server (the standard variables, restored afterwards)."""
+    for name, value in s3_store.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_store
+
+
+def start_mlflow_server(root: Path, artifacts_destination: str, env: dict | None = None):
+    """``mlflow server`` on 127.0.0.1 (sqlite backend in ``root``); returns (uri, process). Stop it with
+    :func:`stop_process_group`."""
+    import os
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", artifacts_destination],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root, env={**os.environ, **(env or {})})
+    log.close()
+    try:
+        wait_for_http(f"{uri}/health", proc, root / "server.log", "mlflow server")
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    return uri, proc
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_store, tmp_path_factory):
+    """One ``mlflow server`` for the session, as ``cluster.yaml`` runs it on the head: a sqlite backend and
+    ``--artifacts-destination s3://<bucket>/mlflow`` on the session's S3 server. (uri, artifact key prefix)."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    uri, proc = start_mlflow_server(root, f"s3://{s3_store.bucket}/mlflow", env=s3_store.env)
+    yield uri, "mlflow/"
+    stop_process_group(proc)

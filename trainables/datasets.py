@@ -13,8 +13,8 @@ it is on disk, and how to load it.
 * ``places365``: torchvision ``Places365`` (small 256 px images), streamed;
   train-standard is the training split and the official val split plays ``test``.
 
-torchvision datasets are downloaded only when ``data.download`` is true;
-otherwise a missing dataset is one :class:`DataError` naming the path and how
+torchvision datasets are downloaded only when ``data.download`` is true, once
+per node (:func:`download_lock`); otherwise a missing dataset is one :class:`DataError` naming the path and how
 to get it. Every function taking ``data`` (the data section) accepts a
 :class:`~trainables.config.DataConfig` or a plain dict of one (a
 ``StudyConfig.dump()["data"]``), validated once by :func:`as_data_config`.
@@ -23,6 +23,8 @@ to get it. Every function taking ``data`` (the data section) accepts a
 from __future__ import annotations
 
 import contextlib
+import http.client
+import os
 import time
 import urllib.error
 from collections.abc import Mapping
@@ -38,7 +40,8 @@ from trainables.shapes import CATEGORIES, CONCEPTS, SHAPES_CLASSES, make_shapes
 
 __all__ = [
     "DATASETS", "MEAN_STD", "NUM_CLASSES", "Cifar100Spec", "DatasetSpec", "Places365Spec", "ShapesSpec",
-    "as_data_config", "check_image", "dataset_spec", "opened_image", "load_cifar100", "places365_dataset",
+    "as_data_config", "check_image", "dataset_spec", "download_lock", "opened_image", "load_cifar100",
+    "places365_dataset",
 ]
 
 MeanStd = tuple[tuple[float, float, float], tuple[float, float, float]]
@@ -194,24 +197,72 @@ def check_image(path: Path, what: str) -> None:
 # --------------------------------------------------------------------------- CIFAR-100
 
 
+@contextlib.contextmanager
+def download_lock(root: Path):
+    """Hold ``root/.download.lock`` (an exclusive ``flock``): one download and extraction into ``root`` at a time.
+
+    Every Train worker on a node (DDP ranks, trials side by side) that is allowed
+    to download calls torchvision's download into the same ``data.root``; under
+    this lock the first one fetches and extracts while the others wait, and then
+    find the files whole (torchvision's checksums) and fetch nothing. A process
+    killed while holding it releases it (the kernel drops the lock with its file
+    descriptor); what it left half-written fails its checksum and is fetched anew.
+    """
+    import fcntl
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / ".download.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise DataError(f"cannot download into data.root = {root} ({exc.strerror}); choose a writable directory"
+                        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def load_cifar100(root: str | Path, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-100 as ((N, 3, 32, 32) uint8, (N,) int64) through torchvision's ``CIFAR100``."""
+    """CIFAR-100 as ((N, 3, 32, 32) uint8, (N,) int64) through torchvision's ``CIFAR100``.
+
+    With ``download``, the download and extraction run under :func:`download_lock`
+    (the loading itself does not): a node fetches the archive once, however many
+    workers ask for it.
+    """
     from torchvision.datasets import CIFAR100
+
+    class LockedCIFAR100(CIFAR100):
+        def download(self) -> None:
+            with download_lock(Path(self.root)):
+                super().download()
 
     root = Path(root)
     if not download and not (root / CIFAR100.base_folder).is_dir():
         raise DataError(_download_hint("CIFAR-100", root, f"{CIFAR100.base_folder}/"))
     try:
-        ds = CIFAR100(str(root), train=train, download=download)
-    except (urllib.error.URLError, OSError) as exc:
+        ds = LockedCIFAR100(str(root), train=train, download=download)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # IncompleteRead: a cut download
         raise DataError(f"could not download CIFAR-100 to {root}: {getattr(exc, 'reason', exc)}") from None
     except RuntimeError:
+        archive = root / CIFAR100.filename
+        if download and archive.is_file() and not _intact(archive, CIFAR100.tgz_md5):
+            raise DataError(
+                f"the CIFAR-100 archive downloaded to {archive} does not match its checksum (an interrupted or "
+                "altered download); run again to fetch it anew"
+            ) from None
         raise DataError(
             f"CIFAR-100 under {root} is incomplete or corrupted; delete {root / CIFAR100.base_folder} and "
             "download it again"
         ) from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     return images, torch.as_tensor(ds.targets, dtype=torch.int64)
+
+
+def _intact(path: Path, md5: str) -> bool:
+    from torchvision.datasets.utils import check_integrity
+
+    return check_integrity(str(path), md5)
 
 
 class Cifar100Spec(DatasetSpec):
@@ -258,6 +309,15 @@ def places365_dataset(
     from torchvision import transforms as T
     from torchvision.datasets import Places365
 
+    class LockedPlaces365(Places365):  # one download per node (download_lock), as for CIFAR-100
+        def download_devkit(self) -> None:
+            with download_lock(Path(self.root)):
+                super().download_devkit()
+
+        def download_images(self) -> None:
+            with download_lock(Path(self.root)):
+                super().download_images()
+
     root = Path(root)
     split = "train-standard" if train else "val"
     listing = Places365._FILE_LIST_META[split][0]
@@ -270,8 +330,8 @@ def places365_dataset(
     else:
         tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
     try:
-        ds = Places365(str(root), split=split, small=True, download=download, transform=tf)
-    except (urllib.error.URLError, OSError) as exc:
+        ds = LockedPlaces365(str(root), split=split, small=True, download=download, transform=tf)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         raise DataError(f"could not download Places365 to {root}: {getattr(exc, 'reason', exc)}") from None
     except RuntimeError as exc:
         raise DataError(f"Places365 under {root} is incomplete: {str(exc).split('. ')[0]}") from None
