@@ -20,6 +20,7 @@ variables (``AWS_ENDPOINT_URL`` for an S3-compatible store other than AWS,
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
