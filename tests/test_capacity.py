@@ -55,3 +55,81 @@ def test_a_node_type_without_declared_resources_leaves_the_capacity_unknown():
     config = {**GPU_CLUSTER, "available_node_types": {**GPU_CLUSTER["available_node_types"],
                                                        "gpu_worker": {"resources": {}, "max_workers": 8}}}
     assert capacity_from_config(config) is None
+
+
+# ----------------------------------------------------------------------------- GPU shares (train.gpus_per_worker)
+
+ONE_GPU = {"CPU": 8.0, "GPU": 1.0}  # a cluster that is up (no autoscaler): one node, 8 CPUs, one GPU
+
+
+def shared(share: float, **train) -> StudyConfig:
+    return cfg(**{"use_gpu": True, "num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": share, **train})
+
+
+def printed_concurrency(monkeypatch, capsys, c: StudyConfig, cluster: dict) -> tuple[int, str]:
+    """``study sweep``'s trials at once on a cluster of ``cluster`` resources, and the line it printed."""
+    import ray
+
+    from study import sweep
+
+    monkeypatch.setattr(sweep, "cluster_capacity", lambda: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(cluster))
+    n = sweep.concurrent_trials(c)
+    return n, capsys.readouterr().out.strip()
+
+
+def test_a_quarter_gpu_share_runs_four_trials_at_once_on_one_gpu(monkeypatch, capsys):
+    # by hand: a trial is 1 driver CPU + 1 worker (1 CPU, 0.25 GPU); 8 CPUs hold 4 trials, one GPU holds 4 workers
+    n, line = printed_concurrency(monkeypatch, capsys, shared(0.25), ONE_GPU)
+    assert n == 4
+    assert line == ("up to 4 trials at once: what this cluster holds (8 CPU, 1 GPU; "
+                    "a trial takes 1 x (1 CPU, 0.25 GPU) + 1 CPU)")
+    assert printed_concurrency(monkeypatch, capsys, shared(1.0), ONE_GPU)[0] == 1  # whole GPUs: one trial
+    # 0.3 packs unevenly: three workers per GPU (0.9 of it), not 1 / 0.3 = 3.33
+    assert printed_concurrency(monkeypatch, capsys, shared(0.3), ONE_GPU)[0] == 3
+    # 0.1: ten per GPU, though 1 // 0.1 == 9.0 in floating point (24 CPUs hold 12 trials)
+    assert printed_concurrency(monkeypatch, capsys, shared(0.1), {"CPU": 24.0, "GPU": 1.0})[0] == 10
+    # two workers per trial at 0.25: 8 worker slots on 2 GPUs -> 4 trials, if the 16 CPUs (3 per trial) allow 5
+    assert printed_concurrency(monkeypatch, capsys, shared(0.25, num_workers=2), {"CPU": 16.0, "GPU": 2.0})[0] == 4
+
+
+def test_train_workers_request_the_configured_gpu_share():
+    c = shared(0.25)
+    assert trial_bundles(c) == [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 0.25}]
+    from study.train import scaling_config
+
+    sc = scaling_config(c)  # what trial_fn hands to the TorchTrainer; Ray validates it when it is built
+    assert sc.use_gpu and sc.num_workers == 1 and sc.num_gpus_per_worker == 0.25
+    assert sc._resources_per_worker_not_none == {"CPU": 1.0, "GPU": 0.25}
+    # on CPU the share is ignored: no GPU is requested at all
+    assert scaling_config(shared(0.25, use_gpu=False))._resources_per_worker_not_none == {"CPU": 1.0}
+
+
+def test_an_autoscaling_cluster_packs_gpu_shares_per_node():
+    cap = capacity_from_config(GPU_CLUSTER)  # 3 nodes of 8 CPU, 1 GPU
+    assert cap.copies(trial_bundles(shared(0.25))) == 3 * 4  # 4 per node: 8 CPU // 2 and 1 GPU // 0.25
+    assert cap.copies(trial_bundles(shared(0.5))) == 3 * 2
+    assert cap.copies(trial_bundles(shared(0.25, cpus_per_worker=3))) == 3 * 2  # now the CPUs limit: 8 // 4
+    check_capacity(shared(0.25), cap)
+
+
+def test_impossible_gpu_shares_are_refused_in_one_line(monkeypatch):
+    with pytest.raises(ConfigError, match=r"^train.gpus_per_worker: 1.5 is neither a share of one GPU in \(0, 1\] "
+                                          r"nor a whole number of GPUs"):
+        load_config(ROOT / "configs" / "quickstart.yaml", ["train.gpus_per_worker=1.5"])
+    with pytest.raises(ConfigError, match=r"^train.gpus_per_worker = 0 is out of range"):
+        load_config(ROOT / "configs" / "quickstart.yaml", ["train.gpus_per_worker=0"])
+    # a worker of 2 GPUs on a cluster whose nodes have one each: refused from the autoscaling config, no waiting
+    with pytest.raises(ConfigError, match=r"needs 1 CPU, 2 GPU on one node.*gpu_worker: 8 CPU, 1 GPU\); lower "
+                                          r"train.cpus_per_worker, train.gpus_per_worker"):
+        check_capacity(shared(2.0), capacity_from_config(GPU_CLUSTER))
+
+    # a cluster that is up: 5 workers of a quarter GPU need two GPUs, one is there; refused before any trial starts
+    from study import runtime
+
+    monkeypatch.setattr(runtime, "cluster_capacity", lambda: None)
+    monkeypatch.setattr(runtime, "wait_for_resources", lambda bundles, **_: dict(ONE_GPU))
+    with pytest.raises(ConfigError, match=r"^train.use_gpu with train.num_workers = 5 x train.gpus_per_worker = 0.25 "
+                                          r"needs 2 GPUs but the Ray cluster has 1; lower"):
+        runtime.check_cluster_fits(shared(0.25, num_workers=5))
+    runtime.check_cluster_fits(shared(0.25, num_workers=4))  # four fit on the one GPU: no error
