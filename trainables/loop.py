@@ -201,7 +201,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, resumed = state["epoch"] + 1, True
     model = ray.train.torch.prepare_model(model)  # DDP when world_size > 1 (gloo on CPU, nccl on GPU)
-    compile_model(model, tcfg.compile, device, cfg.regularization)  # the DDP module itself: DDP's own graph breaks
+    compile_model(model, tcfg.compile, device, cfg.regularization)  # after DDP wraps it, as PyTorch advises
     focused = [m for m in model.modules() if isinstance(m, FocusedDropout)]
 
     for epoch in range(start_epoch, tcfg.epochs):
