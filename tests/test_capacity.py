@@ -3,7 +3,7 @@
 import pytest
 
 from study.config import StudyConfig, load_config
-from study.runtime import HEAD, capacity_from_config, check_capacity, trial_bundles
+from study.runtime import HEAD, capacity_from_config, check_capacity, copies_in, trial_bundles
 from trainables.errors import ConfigError
 
 from .conftest import ROOT
@@ -133,3 +133,43 @@ def test_impossible_gpu_shares_are_refused_in_one_line(monkeypatch):
                                           r"needs 2 GPUs but the Ray cluster has 1; lower"):
         runtime.check_cluster_fits(shared(0.25, num_workers=5))
     runtime.check_cluster_fits(shared(0.25, num_workers=4))  # four fit on the one GPU: no error
+
+
+PLACE = """
+import json, sys
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from study.config import load_config
+from study.runtime import isolate_local_cluster, trial_bundles
+isolate_local_cluster()  # a cluster of its own, not the test session's
+ray.init(address="local", num_cpus=24, num_gpus=1, logging_level="ERROR", log_to_driver=False)  # a GPU it lacks
+placed = {}
+for share in sys.argv[1:]:
+    cfg = load_config(None, ["train.use_gpu=true", "train.cpus_per_worker=1", f"train.gpus_per_worker={share}"])
+    groups = []
+    while True:  # one trial's placement group after another, until one is not placed within 3 s
+        groups.append(placement_group(trial_bundles(cfg), strategy="PACK"))
+        if not ray.wait([groups[-1].ready()], timeout=3)[0]:
+            break
+    placed[share] = len(groups) - 1
+    for g in groups:
+        remove_placement_group(g)
+print(json.dumps(placed))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_rays_scheduler_places_as_many_trials_on_a_declared_gpu_as_counted():
+    """Ray itself, on a cluster that declares one GPU (there is none): the counts above are its counts."""
+    import json
+    import subprocess
+    import sys
+
+    shares = ["0.25", "0.3", "0.1"]
+    r = subprocess.run([sys.executable, "-c", PLACE, *shares], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    placed = json.loads(r.stdout.strip().splitlines()[-1])
+    cluster = {"CPU": 24.0, "GPU": 1.0}
+    assert placed == {s: copies_in(cluster, trial_bundles(shared(float(s)))) for s in shares}
+    assert placed == {"0.25": 4, "0.3": 3, "0.1": 10}  # by hand: floor(1 / share) per GPU; 24 CPUs hold 12 trials
