@@ -330,8 +330,7 @@ def wait_for_resources(bundles: list[dict[str, float]], *, what: str, timeout_s:
         return total  # no node the cluster can start would hold them: waiting is pointless
     need = {k: sum(b.get(k, 0.0) for b in bundles) for b in bundles for k in b}
     echo(f"waiting up to {timeout_s:g} s for the autoscaler to start nodes for {what} "
-         f"({describe_resources(need)}; "
-         f"the cluster has {describe_resources(total)} now)")
+         f"({describe_resources(need)}; the cluster has {describe_resources(total)} now)")
     request_resources(bundles=bundles)
     start = last = time.monotonic()
     try:
