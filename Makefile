@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test bench clean
+.PHONY: quickstart test bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# The GPU check and speed figures in one command (under 8 minutes on a CUDA machine), ending with one table;
+# without CUDA one line. Needs torch and pydantic only: no .venv is built when there is none (a bare GPU box).
+GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	@$(GPU_PYTHON) benchmarks/gpu_check.py --table
 
 clean:
 	rm -rf $(VENV) .pytest_cache

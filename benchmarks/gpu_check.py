@@ -23,13 +23,20 @@ in float32 on the CPU:
 Without CUDA it prints one line saying it skipped (``--device cpu`` runs the
 same comparisons on the CPU under bf16 autocast, to check the script itself).
 The last line is the verdict.
+
+``--table`` (``make gpu-check``) also runs ``benchmarks/gpu.py`` (speed, packing,
+projections) in a process of its own and ends with one table of every check and
+figure, the GPU named; without CUDA it too prints one line and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -165,14 +172,45 @@ def check_analysis(device, width: float) -> list[tuple[str, bool, str]]:
     return results
 
 
+def speed_figures(extra: list[str], timeout_s: float) -> tuple[dict, str]:
+    """``benchmarks/gpu.py``'s figures (its ``--json``) and its last line; ({}, why) when it did not finish."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "gpu.json"
+        cmd = [sys.executable, str(Path(__file__).with_name("gpu.py")), "--json", str(out), *extra]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {}, f"gpu.py did not finish in {timeout_s:.0f} s"
+        sys.stdout.write(r.stdout)
+        if r.returncode or not out.exists():
+            return {}, f"gpu.py failed (exit {r.returncode}): {(r.stderr.strip().splitlines() or [''])[-1][:200]}"
+        return json.loads(out.read_text()), r.stdout.strip().splitlines()[-1]
+
+
+def gpu_table(device_name: str, results: list[tuple[str, bool, str]], figures: dict, speed_note: str) -> str:
+    """One markdown table: every correctness check (ok / FAIL), then every speed figure."""
+    rows = [f"| {name} | {'ok' if ok else 'FAIL'}: {detail} |" for name, ok, detail in results]
+    for key, value in figures.items():
+        if key not in ("device", "batch", "width"):
+            text = f"{value:,.0f}" if "images/s" in key else f"{value:.2f}" if isinstance(value, float) else value
+            rows.append(f"| {key} | {text} |")
+    if not figures:
+        rows.append(f"| speed (benchmarks/gpu.py) | not measured: {speed_note} |")
+    return "\n".join([f"| gpu-check on {device_name} | result |", "|---|---|", *rows])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (checks this script on the CPU)")
     ap.add_argument("--width", type=float, default=0.25, help="VGG-16 width multiplier")
     ap.add_argument("--images", type=int, default=1024, help="images in the one-epoch training check")
+    ap.add_argument("--table", action="store_true", help="also run benchmarks/gpu.py; end with one table")
+    ap.add_argument("--speed-args", default="", help="arguments for benchmarks/gpu.py under --table")
+    ap.add_argument("--speed-timeout", type=float, default=390, help="seconds benchmarks/gpu.py may take")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("gpu_check: skipped, no CUDA device here (run it on a GPU node; --device cpu checks the script)")
+        what = "gpu-check" if args.table else "gpu_check"
+        print(f"{what}: skipped, no CUDA device here (run it on a GPU node; --device cpu checks the script)")
         return 0
     device = torch.device(args.device)
     print(f"gpu_check on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'the CPU'}, "
@@ -181,9 +219,17 @@ def main() -> int:
     for name, ok, detail in results:
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
     failed = [name for name, ok, _ in results if not ok]
-    print(f"gpu_check: {len(results) - len(failed)}/{len(results)} checks passed"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+    verdict = (f"gpu_check: {len(results) - len(failed)}/{len(results)} checks passed"
+               + (f"; failed: {', '.join(failed)}" if failed else ""))
+    figures = {"table": "off"}
+    if args.table:
+        extra = ["--device", args.device, *args.speed_args.split()]
+        figures, note = speed_figures(extra, args.speed_timeout)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
+        print(gpu_table(f"{name}, torch {torch.__version__}", results, figures, note))
+        verdict += "" if figures else f"; speed not measured ({note})"
+    print(verdict)
+    return 1 if failed or not figures else 0
 
 
 if __name__ == "__main__":

@@ -120,6 +120,14 @@ class StudyConfig(WorkerSections):
                 "(SyncBatchNorm's backward is not itself differentiable); use "
                 "regularization.gradient_penalty.method=finite_difference or turn sync_batchnorm off"
             )
+        if self.train.compile == "on" and self.regularization.gradient_penalty.lam > 0 and (
+            self.regularization.gradient_penalty.method == "double_backprop"
+        ):
+            raise ValueError(
+                "train.compile=on cannot be combined with the double_backprop gradient penalty (torch.compile "
+                "does not support double backward); use train.compile=auto or off, or "
+                "regularization.gradient_penalty.method=finite_difference"
+            )
         names = layer_names(self.model.variant, self.model.batch_norm)
         trunk = names[: names.index("pool5") + 1]
         for path, value in (

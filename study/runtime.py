@@ -115,8 +115,44 @@ def with_absolute_paths(cfg: StudyConfig) -> StudyConfig:
 
 
 def worker_resources(cfg: StudyConfig) -> dict[str, float]:
+    """One Train worker's reservation: ``train.cpus_per_worker`` CPUs, with ``use_gpu`` ``gpus_per_worker`` GPUs."""
     cpus = float(cfg.train.cpus_per_worker)
-    return {"CPU": cpus, "GPU": 1.0} if cfg.train.use_gpu else {"CPU": cpus}
+    return {"CPU": cpus, "GPU": float(cfg.train.gpus_per_worker)} if cfg.train.use_gpu else {"CPU": cpus}
+
+
+# Ray counts resources in units of 1e-4 (``ray._raylet.RESOURCE_UNIT_SCALING``); counting in them keeps
+# 1 // 0.1 from coming out as 9.
+RESOURCE_UNIT = 10_000
+
+
+def _units(x: float) -> int:
+    return round(x * RESOURCE_UNIT)
+
+
+def gpu_slots(gpus: float, share: float) -> int:
+    """How many workers of ``share`` GPUs each fit on ``gpus`` GPUs (one node's, or a cluster's summed).
+
+    Ray assigns a share below 1 from a single GPU, so each whole GPU holds
+    floor(1 / share) of them (0.25: 4; 0.3: 3, a tenth of each GPU left idle);
+    a whole-number share takes that many whole GPUs.
+    """
+    if share <= 1:
+        return int(gpus + 1e-9) * (RESOURCE_UNIT // _units(share))
+    return int(gpus + 1e-9) // round(share)
+
+
+def copies_in(resources: dict[str, float], bundles: list[dict[str, float]]) -> int:
+    """How many copies of ``bundles`` (one trial, one task) ``resources`` hold, GPU shares packed per GPU."""
+    need: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            if k != "GPU":
+                need[k] = need.get(k, 0.0) + v
+    counts = [_units(resources.get(k, 0.0)) // _units(v) for k, v in need.items() if _units(v) > 0]
+    shares = [b["GPU"] for b in bundles if b.get("GPU", 0.0) > 0]
+    for share in set(shares):
+        counts.append(gpu_slots(resources.get("GPU", 0.0), share) // shares.count(share))
+    return int(min(counts)) if counts else 1
 
 
 def check_local_prerequisites(cfg: StudyConfig) -> None:
@@ -178,12 +214,7 @@ class Capacity:
 
     def per_node(self, bundles: list[dict[str, float]]) -> list[tuple[NodeType, int]]:
         """For each node type: how many whole copies of ``bundles`` one such node holds."""
-        need = {k: sum(b.get(k, 0.0) for b in bundles) for b in bundles for k in b}
-        out = []
-        for t in self.node_types:
-            ratios = [t.resources.get(k, 0.0) // v for k, v in need.items() if v > 0]
-            out.append((t, int(min(ratios)) if ratios else 1))
-        return out
+        return [(t, copies_in(t.resources, bundles)) for t in self.node_types]
 
     def copies(self, bundles: list[dict[str, float]]) -> int:
         """How many copies of ``bundles`` (one trial, one task) the grown cluster runs at once.
@@ -204,11 +235,9 @@ class Capacity:
                 total += c * n
                 workers_left -= n
             return total
-        grown = self.total()
-        need = {k: sum(b.get(k, 0.0) for b in bundles) for b in bundles for k in b}
         if not all(self.fits_one_node(b) for b in bundles):
             return 0
-        return int(min((grown.get(k, 0.0) // v for k, v in need.items() if v > 0), default=0))
+        return copies_in(self.total(), bundles)
 
     def total(self) -> dict[str, float]:
         """Every resource summed over the largest cluster the config allows."""
@@ -279,10 +308,10 @@ def cluster_capacity() -> Capacity | None:
 
 
 def _holds(total: dict[str, float], bundles: list[dict[str, float]]) -> bool:
-    return all(total.get(k, 0.0) >= sum(b.get(k, 0.0) for b in bundles) for b in bundles for k in b)
+    return copies_in(total, bundles) >= 1
 
 
-def _describe(resources: dict[str, float]) -> str:
+def describe_resources(resources: dict[str, float]) -> str:
     return ", ".join(f"{resources.get(k, 0.0):g} {k}" for k in ("CPU", "GPU") if k in resources or k == "CPU")
 
 
@@ -309,8 +338,8 @@ def wait_for_resources(bundles: list[dict[str, float]], *, what: str, timeout_s:
     if capacity is not None and capacity.copies(bundles) == 0:
         return total  # no node the cluster can start would hold them: waiting is pointless
     need = {k: sum(b.get(k, 0.0) for b in bundles) for b in bundles for k in b}
-    echo(f"waiting up to {timeout_s:g} s for the autoscaler to start nodes for {what} ({_describe(need)}; "
-         f"the cluster has {_describe(total)} now)")
+    echo(f"waiting up to {timeout_s:g} s for the autoscaler to start nodes for {what} "
+         f"({describe_resources(need)}; the cluster has {describe_resources(total)} now)")
     request_resources(bundles=bundles)
     start = last = time.monotonic()
     try:
@@ -319,11 +348,11 @@ def wait_for_resources(bundles: list[dict[str, float]], *, what: str, timeout_s:
             total = ray.cluster_resources()
             if time.monotonic() - last >= 15:
                 last = time.monotonic()
-                echo(f"  ... {last - start:.0f} s: the cluster has {_describe(total)}")
+                echo(f"  ... {last - start:.0f} s: the cluster has {describe_resources(total)}")
     finally:
         request_resources(bundles=[])
     if _holds(total, bundles):
-        echo(f"the cluster has {_describe(total)} after {time.monotonic() - start:.0f} s")
+        echo(f"the cluster has {describe_resources(total)} after {time.monotonic() - start:.0f} s")
     return total
 
 
@@ -349,10 +378,13 @@ def check_cluster_fits(cfg: StudyConfig, echo: Callable[[str], None] = print) ->
     total = wait_for_resources(trial_bundles(cfg), what="one trial", timeout_s=cfg.ray.scale_up_timeout_s, echo=echo)
     need_cpu = n * per_worker["CPU"] + TRIAL_DRIVER_CPUS
     have_cpu = total.get("CPU", 0.0)
-    if cfg.train.use_gpu and total.get("GPU", 0.0) < n:
+    share = per_worker.get("GPU", 0.0)
+    if share and gpu_slots(total.get("GPU", 0.0), share) < n:
+        gpus = -(-n // gpu_slots(1, share)) if share <= 1 else n * round(share)
         raise ConfigError(
-            f"train.use_gpu with train.num_workers = {n} needs {n} GPUs but the Ray cluster has "
-            f"{int(total.get('GPU', 0))}; lower train.num_workers or set train.use_gpu=false"
+            f"train.use_gpu with train.num_workers = {n} x train.gpus_per_worker = {share:g} needs {gpus} GPUs but "
+            f"the Ray cluster has {int(total.get('GPU', 0))}; lower train.num_workers or train.gpus_per_worker, "
+            "or set train.use_gpu=false"
         )
     if need_cpu > have_cpu:
         raise ConfigError(
@@ -366,16 +398,18 @@ def check_capacity(cfg: StudyConfig, capacity: Capacity) -> None:
     """Refuse, without waiting, a trial that no cluster this autoscaling config can grow to would hold."""
     per_worker = worker_resources(cfg)
     n = cfg.train.num_workers
-    nodes = "; ".join(f"{t.name if t.name != HEAD else 'head'}: {_describe(t.resources)}" for t in capacity.node_types)
+    nodes = "; ".join(f"{t.name if t.name != HEAD else 'head'}: {describe_resources(t.resources)}"
+                      for t in capacity.node_types)
     if not capacity.fits_one_node(per_worker):
         raise ConfigError(
-            f"a Train worker needs {_describe(per_worker)} on one node, but no node type of this autoscaling cluster "
-            f"has that ({nodes}); lower train.cpus_per_worker"
-            + (" or set train.use_gpu=false" if cfg.train.use_gpu else "")
+            f"a Train worker needs {describe_resources(per_worker)} on one node, but no node type of this autoscaling "
+            f"cluster has that ({nodes}); lower train.cpus_per_worker"
+            + (", train.gpus_per_worker or set train.use_gpu=false" if cfg.train.use_gpu else "")
         )
     if capacity.copies(trial_bundles(cfg)) == 0:
         raise ConfigError(
-            f"one trial needs {n} workers x ({_describe(per_worker)}) + 1 CPU, but this autoscaling cluster grows to "
-            f"at most {_describe(capacity.total())} (max_workers {capacity.max_workers}; {nodes}); lower "
+            f"one trial needs {n} workers x ({describe_resources(per_worker)}) + 1 CPU, but this autoscaling cluster "
+            f"grows to at most {describe_resources(capacity.total())} (max_workers {capacity.max_workers}; "
+            f"{nodes}); lower "
             "train.num_workers or raise max_workers in the cluster config"
         )

@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from study.config import StudyConfig
-from study.runtime import TRIAL_DRIVER_CPUS, cluster_capacity, trial_bundles, with_absolute_paths, worker_resources
+from study.runtime import (
+    TRIAL_DRIVER_CPUS,
+    cluster_capacity,
+    copies_in,
+    describe_resources,
+    trial_bundles,
+    with_absolute_paths,
+    worker_resources,
+)
 from study.train import StudyResult, run_trials
 from trainables.errors import ConfigError
 
@@ -53,13 +61,14 @@ def search_space(cfg: StudyConfig) -> dict[str, Any]:
 
 
 def concurrent_trials(cfg: StudyConfig) -> int:
-    """``sweep.max_concurrent_trials``, else as many trials as the cluster holds at once.
+    """``sweep.max_concurrent_trials``, else as many trials as the cluster holds at once (printed).
 
     On an autoscaling cluster whose config can be read, as many as the largest
     cluster it may grow to holds, packed node by node (the pending trials are the
     demand that makes it grow); elsewhere, as many as the nodes up now hold (on an
-    autoscaling cluster: after it grew to hold one trial). More would let trial
-    drivers take the CPUs their own Train workers then wait for forever.
+    autoscaling cluster: after it grew to hold one trial). A GPU share below 1
+    (``train.gpus_per_worker``) packs floor(1 / share) workers on each GPU. More
+    would let trial drivers take the CPUs their own Train workers then wait for forever.
     """
     import ray
 
@@ -72,12 +81,11 @@ def concurrent_trials(cfg: StudyConfig) -> int:
               f"({capacity.max_workers})", flush=True)
         return fits
     total = ray.cluster_resources()
+    fits = max(1, copies_in(total, trial_bundles(cfg)))
     per_worker = worker_resources(cfg)
-    n = cfg.train.num_workers
-    fits = int(total.get("CPU", 0) // (n * per_worker["CPU"] + TRIAL_DRIVER_CPUS))
-    if cfg.train.use_gpu:
-        fits = min(fits, int(total.get("GPU", 0) // n))
-    return max(1, fits)
+    print(f"up to {fits} trials at once: what this cluster holds ({describe_resources(total)}; a trial takes "
+          f"{cfg.train.num_workers} x ({describe_resources(per_worker)}) + {TRIAL_DRIVER_CPUS:g} CPU)", flush=True)
+    return fits
 
 
 def tune_config(cfg: StudyConfig):

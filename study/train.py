@@ -66,6 +66,19 @@ def resolve_trial_config(trial_config: dict[str, Any]) -> dict[str, Any]:
     return resolve_trial(trial_config).dump()
 
 
+def scaling_config(cfg: StudyConfig):
+    """The trial's ``ray.train.ScalingConfig``: ``train.num_workers`` workers, each :func:`worker_resources`.
+
+    With ``train.gpus_per_worker`` below 1 several trials' workers share one GPU
+    (Ray's fractional GPUs: each worker sees the whole device and its memory,
+    so the trials must fit in it together).
+    """
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                   resources_per_worker=worker_resources(cfg))
+
+
 def trial_fn(trial_config: dict[str, Any]) -> None:
     """Tune function trainable: build and fit this trial's TorchTrainer."""
     import ray.train
@@ -82,11 +95,7 @@ def trial_fn(trial_config: dict[str, Any]) -> None:
         train_fn_per_worker,
         train_loop_config={"config": dump, "num_classes": cfg.num_classes,
                            "test_stop": trial_config.get("test_stop")},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker=worker_resources(cfg),
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",
             storage_path=trial_config["storage_path"],

@@ -89,11 +89,25 @@ class TrainConfig(Section):
     num_workers: int = Field(1, ge=1, le=1024)  # Ray Train workers (DDP ranks)
     cpus_per_worker: int = Field(1, ge=1, le=256)  # CPUs each worker reserves; on CPU also its torch threads
     use_gpu: bool = False
+    # GPUs each worker reserves when use_gpu: a share in (0, 1] packs several trials on one GPU (0.25: four),
+    # a whole number gives a worker several; ignored on CPU. Ray assigns a share < 1 within one GPU.
+    gpus_per_worker: float = Field(1.0, ge=0.0001, le=64)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU, off on CPU
+    # torch.compile the model for training and evaluation; auto = on for CUDA unless the exact
+    # (double_backprop) penalty is on, which torch.compile cannot differentiate twice
+    compile: Literal["auto", "on", "off"] = "auto"
     sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
     seed: int = 0
     max_failures: int = Field(2, ge=0, le=100)  # worker failures Ray Train recovers from
     fail_at_epoch: int | None = Field(None, ge=0)  # fault injection (tests): last worker dies once here
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_or_share(cls, v: float) -> float:
+        if v > 1 and not float(v).is_integer():
+            raise ValueError(f"{v:g} is neither a share of one GPU in (0, 1] nor a whole number of GPUs "
+                             "(Ray assigns GPUs whole, or a share of one); use e.g. 0.5, 1 or 2")
+        return v
 
 
 class AblationConfig(Section):

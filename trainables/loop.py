@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.checkpoint import checkpoint_dict, load_checkpoint, save_checkpoint
-from trainables.config import TrainConfig, WorkerConfig
+from trainables.config import RegularizationConfig, TrainConfig, WorkerConfig
 from trainables.data import build_loaders
 from trainables.focused_dropout import FocusedDropout
 from trainables.models import load_vgg16_state_dict
@@ -90,6 +90,24 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     return torch.float16 if amp == "fp16" else torch.bfloat16
+
+
+def compile_model(model: nn.Module, mode: str, device: torch.device, reg: RegularizationConfig) -> bool:
+    """Apply ``train.compile`` to ``model`` in place (``nn.Module.compile``); whether it was compiled.
+
+    auto = on for CUDA only, and off while the exact (double_backprop) penalty
+    is on: torch.compile's backward cannot itself be differentiated ("does not
+    currently support double backward"). In place, the module stays the same
+    object, so its ``state_dict`` keys (the checkpoint) and the FocusedDropout
+    and DDP references to it are unchanged; the training forward and the
+    evaluation forward (``eval()``) each compile once.
+    """
+    gp = reg.gradient_penalty
+    exact = gp.lam > 0 and gp.method == "double_backprop"
+    on = mode == "on" or (mode == "auto" and device.type == "cuda" and not exact)
+    if on:
+        model.compile()
+    return on
 
 
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:
@@ -215,6 +233,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         start_epoch, resumed = state["epoch"] + 1, True
         history = [h for h in state.get("history") or [] if h["epoch"] <= state["epoch"]]
     model = ray.train.torch.prepare_model(model)  # DDP when world_size > 1 (gloo on CPU, nccl on GPU)
+    compile_model(model, tcfg.compile, device, cfg.regularization)  # after DDP wraps it, as PyTorch advises
     focused = [m for m in model.modules() if isinstance(m, FocusedDropout)]
 
     for epoch in range(start_epoch, tcfg.epochs):
