@@ -7,6 +7,13 @@ per class (:func:`rank_units_per_class`). A change is tested against the
 unablated model on the same images (McNemar's exact test, Agresti-Min interval,
 Benjamini-Hochberg q-values; :mod:`analysis.stats`) and is "significant" when
 its q-value is below :data:`ALPHA`.
+
+Evidence rules (DESIGN.md "Evidence"): a unit gets a verdict ("useful",
+"harmful") only when its change is significant; units equal in change and
+p-value share a rank and no list or selection is completed by unit id
+(:func:`select_units`); every family of tests states what it could have
+detected (:class:`Power`: the minimum detectable effect of
+:func:`analysis.stats.mcnemar_mde` at the level of one more BH rejection).
 """
 
 from __future__ import annotations

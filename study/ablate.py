@@ -311,7 +311,8 @@ def _class_line(result: AblationResult) -> str:
     gains = f"gains of {pts(finite)}" if len(finite) else "no gain"
     if 0 < len(finite) < len(cp):
         gains += f" ({len(cp) - len(finite)} classes: none)"
-    return (f"per class ({cp['images'].min()}-{cp['images'].max()} images each): {result.class_significant} "
+    lo, hi = int(cp["images"].min()), int(cp["images"].max())
+    return (f"per class ({lo if lo == hi else f'{lo}-{hi}'} images each): {result.class_significant} "
             f"(unit, class) change(s) significant at q < {ALPHA:g}; otherwise detectable with {result.power.power:.0%} "
             f"power: drops of {pts(cp['mde_drop'])}, {gains} (units_ranked_per_class.csv)")
 

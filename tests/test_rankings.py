@@ -5,6 +5,10 @@ below follows from McNemar's test and Benjamini-Hochberg as written in
 analysis.stats, not from the code under test.
 """
 
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +17,7 @@ from analysis.counts import AblationCounts
 from analysis.intervention import table1_interventions
 from analysis.rankings import (
     best_units,
+    class_accuracy,
     class_power,
     rank_units,
     rank_units_per_class,
@@ -96,3 +101,37 @@ def test_per_class_lists_only_moved_units_with_verdicts_only_when_significant_an
     overall = unit_power(c)
     assert (overall.images, overall.errors, overall.level) == (N, ERRORS, pytest.approx(0.025))
     assert np.isinf(unit_power(counts_of([0], [0], n=100, errors=3)).gain), "3 errors cannot show a gain"
+
+
+def _summary(c: AblationCounts, n: int = 5) -> str:
+    """``study ablate``'s console lines for counts ``c`` (no Ray: the fan-out and source are stand-ins)."""
+    from study.ablate import AblationResult, ablation_summary
+
+    ranked, tidy = rank_units(c), class_accuracy(c)
+    fan_out = SimpleNamespace(results={}, computed=[], reused=[], precision=(0, 0))
+    result = AblationResult(c, ranked, unit_power(c, ranked), class_power(c, tidy), int(tidy["significant"].sum()),
+                            Path("out"), [], "run", SimpleNamespace(run_id=None), fan_out, None)
+    return "\n".join(ablation_summary(result, n))
+
+
+def test_the_console_names_only_significant_units_and_states_the_power_of_every_null():
+    text = _summary(counts_of([30, 0, 3, 2, 2, 0], [0, 15, 0, 0, 0, 0]))
+    assert "useful units (removal lowers accuracy): 0 (-3.00 pt, q " in text
+    assert "harmful units (removal raises accuracy): 1 (+1.50 pt, q " in text
+    named = re.findall(r"(\d+) \([+-]\d+\.\d+ pt, q", text)
+    assert named == ["0", "1"], "units 2-4 lose images but not significantly; unit 5 changes nothing"
+    drop, gain = mcnemar_mde(N, ERRORS, 0.05 * 3 / 6)
+    assert (f"the other 4 units: no significant change; with 80% power the test on these {N} images detects a drop "
+            f"of {100 * float(drop):.2f} pt or a gain of {100 * float(gain):.2f} pt") in text
+    assert "per class (1000 images each): 2 (unit, class) change(s) significant" in text
+
+    quiet = _summary(counts_of([1, 0, 2], [0, 1, 0]))
+    lines = [line for line in quiet.splitlines() if "significant" in line]
+    assert lines[0].startswith("no unit's removal changes accuracy significantly (q < 0.05); with 80% power")
+    assert not re.findall(r"\d+ \([+-]\d+\.\d+ pt, q", quiet), "nothing significant: no unit is named"
+
+
+def test_the_console_never_splits_a_tie_to_fill_its_list():
+    text = _summary(counts_of([40, 30, 30, 0], [0, 0, 0, 0]), n=2)
+    assert "useful units (removal lowers accuracy): 0 (-4.00 pt" in text and "2 more in units_ranked.csv" in text
+    assert not re.search(r"\b[12] \(-3\.00 pt", text), "units 1 and 2 tie for the second place: neither is named"
