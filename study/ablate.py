@@ -294,10 +294,11 @@ def ablation_summary(result: AblationResult, n: int = 5) -> list[str]:
 
 def detectable(power: Power) -> str:
     """``with 80% power the test detects a drop of 0.07 pt or a gain of 0.07 pt (BH level 0.00078)``."""
-    gain = (f"a gain of {100 * power.gain:.2f} pt" if power.gain < float("inf")
-            else f"no gain at all (only {power.errors} baseline errors)")
+    gain = (f"a gain of {100 * power.gain:.2f} pt (~{power.gain * power.images:.0f} images)"
+            if power.gain < float("inf") else f"no gain at all (only {power.errors} baseline errors)")
     return (f"with {power.power:.0%} power the test on these {power.images} images detects a drop of "
-            f"{100 * power.drop:.2f} pt or {gain} (at BH level {power.level:.2g})")
+            f"{100 * power.drop:.2f} pt (~{power.drop * power.images:.0f} images) or {gain} "
+            f"(at BH level {power.level:.2g})")
 
 
 def _class_line(result: AblationResult) -> str:

@@ -122,7 +122,7 @@ def test_the_console_names_only_significant_units_and_states_the_power_of_every_
     assert named == ["0", "1"], "units 2-4 lose images but not significantly; unit 5 changes nothing"
     drop, gain = mcnemar_mde(N, ERRORS, 0.05 * 3 / 6)
     assert (f"the other 4 units: no significant change; with 80% power the test on these {N} images detects a drop "
-            f"of {100 * float(drop):.2f} pt or a gain of {100 * float(gain):.2f} pt") in text
+            f"of {100 * float(drop):.2f} pt (~{float(drop) * N:.0f} images) or a gain of {100 * float(gain):.2f} pt") in text
     assert "per class (1000 images each): 2 (unit, class) change(s) significant" in text
 
     quiet = _summary(counts_of([1, 0, 2], [0, 1, 0]))
