@@ -82,7 +82,7 @@ def _unit_change_figure(counts: AblationCounts, out_dir: Path) -> Path:
     ax.set_title(f"Removing one {counts.layer} unit: change of test accuracy\n"
                  f"baseline {float(counts.baseline_correct.sum()) / counts.num_images:.2%} on "
                  f"{counts.num_images:,} images ({power.errors} errors)", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0))  # outside: never over a bar or line
     fig.tight_layout()
     return _save(fig, out_dir / "unit_change.png")
 
