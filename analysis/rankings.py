@@ -24,10 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-
-from analysis.counts import AblationCounts
 from numpy.typing import ArrayLike
 
+from analysis.counts import AblationCounts
 from analysis.stats import bh_level, bh_qvalues, mcnemar_exact, mcnemar_mde, paired_proportion_interval
 from trainables.errors import ConfigError
 
