@@ -218,9 +218,10 @@ def ablate(
     metrics = {"ablation/baseline_acc": baseline, "ablation/best_unit_change": float(ranked["change"].min()),
                "ablation/worst_unit_change": float(ranked["change"].max()),
                "ablation/significant_units": int(ranked["significant"].sum()),
-               "ablation/mde_pt": 100 * power.drop, "ablation/bh_level": power.level}
-    if power.gain < float("inf"):  # no gain can be detected with fewer baseline errors than the test needs
-        metrics["ablation/mde_gain_pt"] = 100 * power.gain
+               "ablation/bh_level": power.level}
+    # inf (not logged): no drop (gain) can be detected with fewer right (wrong) images than the test needs
+    metrics.update({key: 100 * v for key, v in (("ablation/mde_pt", power.drop), ("ablation/mde_gain_pt", power.gain))
+                    if v < float("inf")})
     if pairs:
         metrics.update({"ablation/precision_pairs_checked": pairs, "ablation/precision_pairs_differ": differ})
     run_id = log_analysis_run(

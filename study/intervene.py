@@ -219,11 +219,11 @@ def intervene(
     metrics = {"intervention/test_baseline_acc": counts["test"].baseline_accuracy,
                "intervention/val_baseline_acc": counts["val"].baseline_accuracy,
                "intervention/significant_rows": int(table["significant"].sum()),
-               "intervention/mde_pt": 100 * power.drop, "intervention/bh_level": power.level}
+               "intervention/bh_level": power.level}
     if len(table):
         metrics["intervention/best_test_change"] = float(table["change"].max())
-    if power.gain < float("inf"):
-        metrics["intervention/mde_gain_pt"] = 100 * power.gain
+    metrics.update({key: 100 * v for key, v in (("intervention/mde_pt", power.drop),
+                                                ("intervention/mde_gain_pt", power.gain)) if v < float("inf")})
     run_id = log_analysis_run(
         cfg, source, kind="intervention", metrics=metrics,
         params={"intervention.worst_units": " ".join(map(str, worst.units)) or "none",
