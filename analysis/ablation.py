@@ -4,7 +4,8 @@ Paper (PAPER.md section 2 item 1; Kim, Samith, Utama section 3.1, after Bau et
 al. 2020 "Understanding the role of individual units"): for every unit u of
 conv5_3, set its activation to zero (after its ReLU) and measure the accuracy of
 each class; compare with the unablated per-class accuracy. Units whose removal
-raises accuracy are "bad", those whose removal lowers it most are "good".
+raises accuracy are "bad", those whose removal lowers it most are "good" (here
+"harmful" and "useful", and only when the change is significant: :mod:`analysis.rankings`).
 
 The hot path (DESIGN.md "The per-unit ablation"). The naive loop, kept as
 :func:`ablate_units_naive` for tests and benchmarks, runs the whole network once

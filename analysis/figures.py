@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from analysis.counts import AblationCounts
-from analysis.rankings import ALPHA, rank_units
+from analysis.rankings import ALPHA, rank_units, unit_power
 
 __all__ = ["ablation_figures", "detectors_figure", "importances_figure", "optimization_history_figure",
            "top_images_figure"]
@@ -33,6 +33,7 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.style.use("default")  # optuna's plots switch the whole process to ggplot (grey panels, white grid lines)
     return plt
 
 
@@ -46,37 +47,73 @@ def _save(fig, path: Path, **kw) -> Path:
 def ablation_figures(counts: AblationCounts, out_dir: Path, class_names: Sequence[str] | None = None) -> list[Path]:
     """Per-unit overall accuracy change, sorted; and the units x classes heatmap of change (classes named
     when ``class_names`` is given and there are at most 50 of them)."""
+    return [_unit_change_figure(counts, out_dir), _heatmap_figure(counts, out_dir, class_names)]
+
+
+def _unit_change_figure(counts: AblationCounts, out_dir: Path) -> Path:
+    """Bars of each unit's change, sorted; significant ones coloured, a dot for no change, the MDE dashed."""
     plt = _pyplot()
     ranked = rank_units(counts)
+    power = unit_power(counts, ranked)
     change = ranked["change"].to_numpy() * 100
-    fig, ax = plt.subplots(figsize=(8, 3.5))
     sig = ranked["significant"].to_numpy()
-    colours = ["lightgray" if not q else "tab:red" if c > 0 else "tab:blue" for c, q in zip(change, sig)]
-    ax.bar(range(len(change)), change, width=1.0, color=colours)
+    x = range(len(change))
+    fig, ax = plt.subplots(figsize=(max(8, min(20, 0.14 * len(change) + 2)), 4))
+    colours = ["tab:red" if q and c > 0 else "tab:blue" if q else "0.6" for c, q in zip(change, sig)]
+    ax.bar(x, change, width=0.8, color=colours)
+    zero = change == 0
+    ax.plot([i for i in x if zero[i]], [0] * int(zero.sum()), "o", color="0.3", markersize=2.5, linestyle="none",
+            label=f"no change ({int(zero.sum())} units)")
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_xlabel(f"{counts.layer} units, sorted by change (most important left)\ncoloured: significant "
-                  f"(exact McNemar, BH q < {ALPHA:g}; {int(sig.sum())} of {len(sig)} units), grey: not")
+    ax.axhline(-100 * power.drop, color="tab:blue", linestyle="--", linewidth=0.8,
+               label=f"drop detected with {power.power:.0%} power ({100 * power.drop:.2f} pt)")
+    if power.gain < float("inf"):
+        ax.axhline(100 * power.gain, color="tab:red", linestyle="--", linewidth=0.8,
+                   label=f"gain detected with {power.power:.0%} power ({100 * power.gain:.2f} pt)")
+    for colour, what in (("tab:blue", "useful: removal lowers accuracy, q < "), ("tab:red", "harmful: raises it, q < "),
+                         ("0.6", "not significant")):
+        ax.bar([0], [0], color=colour, label=what + (f"{ALPHA:g}" if what.endswith("< ") else ""))
+    if len(change) <= 128:
+        ax.set_xticks(list(x), [str(u) for u in ranked["unit"]], rotation=90, fontsize=6)
+    ax.set_xlim(-0.6, len(change) - 0.4)
+    ax.set_xlabel(f"{counts.layer} unit, sorted by change (exact McNemar test, Benjamini-Hochberg q over "
+                  f"{len(change)} units; {int(sig.sum())} significant)")
     ax.set_ylabel("accuracy change (points)")
-    ax.set_title(f"Removing one {counts.layer} unit: accuracy change vs baseline "
-                 f"{float(counts.baseline_correct.sum()) / counts.num_images:.2%} ({counts.num_images} images)")
+    ax.set_title(f"Removing one {counts.layer} unit: change of test accuracy\n"
+                 f"baseline {float(counts.baseline_correct.sum()) / counts.num_images:.2%} on "
+                 f"{counts.num_images:,} images ({power.errors} errors)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0))  # outside: never over a bar or line
     fig.tight_layout()
-    bars = _save(fig, out_dir / "unit_change.png")
+    return _save(fig, out_dir / "unit_change.png")
 
+
+def _heatmap_figure(counts: AblationCounts, out_dir: Path, class_names: Sequence[str] | None) -> Path:
+    """Units (sorted as in unit_change.png) x classes, change of each class's accuracy in points."""
+    plt = _pyplot()
+    ranked = rank_units(counts)
     order = torch.as_tensor([int((counts.units == u).nonzero()) for u in ranked["unit"]])
     delta = (counts.accuracy - counts.baseline_accuracy)[order].nan_to_num(0).numpy() * 100
     lim = max(abs(delta).max(), 1e-9)
-    fig, ax = plt.subplots(figsize=(max(5, min(16, 0.05 * delta.shape[1] + 4)), 6))
+    k = delta.shape[1]
+    named = class_names is not None and len(class_names) == k and k <= 50
+    fig, ax = plt.subplots(figsize=(max(6, min(18, 0.32 * k + 3)), max(5, min(14, 0.12 * len(ranked) + 2))))
     im = ax.imshow(delta, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    ax.grid(False)
     ax.set_xlabel("class")
-    if class_names is not None and len(class_names) == delta.shape[1] and len(class_names) <= 50:
-        ax.set_xticks(range(len(class_names)), list(class_names), rotation=90, fontsize=6)
+    if named:
+        ax.set_xticks(range(k), list(class_names), rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("unit (sorted as in unit_change.png)")
     if len(ranked) <= 64:
-        ax.set_yticks(range(len(ranked)), [str(u) for u in ranked["unit"]], fontsize=5)
-    ax.set_title(f"{counts.layer}: per-class accuracy change\nwhen one unit is removed (points)")
+        ax.set_yticks(range(len(ranked)), [str(u) for u in ranked["unit"]], fontsize=6)
+    per_class = counts.total[counts.total > 0]
+    lo, hi = (int(per_class.min()), int(per_class.max())) if per_class.numel() else (0, 0)
+    images = f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
+    one = f"{100 / hi:.2g}" if lo == hi else f"{100 / hi:.2g}-{100 / lo:.2g}"
+    ax.set_title(f"{counts.layer}: change of each class's accuracy when one unit is removed\n"
+                 f"{images} test images per class: one image is {one} points", fontsize=10)
     fig.colorbar(im, ax=ax, label="change (points); red: removal helps the class")
     fig.tight_layout()
-    return [bars, _save(fig, out_dir / "heatmap.png")]
+    return _save(fig, out_dir / "heatmap.png")
 
 
 def detectors_figure(units: pd.DataFrame, layer: str, iou_threshold: float, quantile: float, out_dir: Path) -> Path:
@@ -93,6 +130,10 @@ def detectors_figure(units: pd.DataFrame, layer: str, iou_threshold: float, quan
     a.bar(range(len(cats)), per_cat.to_numpy(), color=[colours[c] for c in cats])
     a.set_xticks(range(len(cats)), cats, rotation=30)
     a.set_ylabel("detector units")
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (a, b):  # counts of units: whole numbers only
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     a.set_title(f"{layer}: {len(det)}/{len(units)} detectors")
     if len(per_concept):
         x = range(len(per_concept))
@@ -168,10 +209,15 @@ def optimization_history_figure(study, metric: str, out_dir: Path) -> Path:
     return path
 
 
-def importances_figure(importances: Mapping[str, float], metric: str, out_dir: Path) -> Path:
-    """Horizontal bars of fANOVA parameter importances for ``metric``."""
+def importances_figure(importances: Mapping[str, float], metric: str, out_dir: Path, *, trials: int,
+                       fidelity: str, reliable_from: int = 5) -> Path:
+    """Horizontal bars of fANOVA parameter importances for ``metric``, from ``trials`` trials all run to
+    ``fidelity`` (e.g. "30 epochs"); below ``reliable_from`` trials the title says they are not reliable."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(importances)))
+    fig, ax = plt.subplots(figsize=(6, 1.2 + 0.5 * len(importances)))
     ax.barh(list(importances)[::-1], list(importances.values())[::-1])
     ax.set_xlabel(f"importance for {metric} (fANOVA)")
+    caveat = f"\nfewer than {reliable_from} trials: not reliable" if trials < reliable_from else ""
+    ax.set_title(f"from {trials} trials, each run to {fidelity}{caveat}", fontsize=9,
+                 color="tab:red" if caveat else "black")
     return _save(fig, out_dir / "param_importances.png", bbox_inches="tight")

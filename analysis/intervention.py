@@ -53,8 +53,8 @@ from analysis.ablation import ablate_units
 from analysis.counts import AblationCounts
 from analysis.evaluation import Batches, batches_on, check_model_classes, class_hits, prepared_model, resolve_device
 from analysis.hooks import check_units, edit_layer, eval_mode, flat_children, scale_units, unit_conv, unit_layer
-from analysis.rankings import ALPHA, best_units, worst_units
-from analysis.stats import mcnemar_exact, paired_proportion_interval
+from analysis.rankings import ALPHA, Power, UnitSelection, best_units, power_of, worst_units
+from analysis.stats import bh_qvalues, mcnemar_exact, paired_proportion_interval
 from trainables.errors import ConfigError
 
 __all__ = [
@@ -68,6 +68,7 @@ __all__ = [
     "scale_unit_weights",
     "scaled_unit_weights",
     "table1_interventions",
+    "table1_power",
 ]
 
 
@@ -301,20 +302,28 @@ def intervention_counts(
 
 
 def table1_interventions(
-    worst: Sequence[int],
-    best: Sequence[int],
+    worst: UnitSelection | Sequence[int],
+    best: UnitSelection | Sequence[int],
     *,
     factors: Sequence[float] = (2.0, 3.0),
     targets: Sequence[str] = ("output", "weight"),
     bias: bool = False,
 ) -> list[Intervention]:
-    """Every (units, target, operation, factor) of the protocol, factors in the order given."""
+    """Every (units, target, operation, factor) of the protocol, factors in the order given.
+
+    ``worst``/``best``: a :class:`~analysis.rankings.UnitSelection` (labelled by the
+    units it holds, e.g. "worst-2" when only 2 of 5 qualified) or plain unit ids;
+    an empty selection contributes no rows.
+    """
     out = []
-    for selection, units in ((f"worst-{len(worst)}", worst), (f"best-{len(best)}", best)):
+    for direction, chosen in (("worst", worst), ("best", best)):
+        units = chosen.units if isinstance(chosen, UnitSelection) else tuple(chosen)
+        if not units:
+            continue
         for target in targets:
             for operation in ("divide", "multiply"):
                 for factor in factors:
-                    out.append(Intervention(target, operation, factor, tuple(units), selection, bias))
+                    out.append(Intervention(target, operation, factor, units, f"{direction}-{len(units)}", bias))
     return out
 
 
@@ -331,7 +340,8 @@ def intervention_table(report: InterventionCounts, selection: InterventionCounts
     "worst-5"), operation, factor, accuracy and baseline (report images),
     change, lost, gained, ci_low, ci_high (95% paired interval of the change),
     p_value (exact McNemar test against the baseline on the same report
-    images), significant (p < 0.05), selection_accuracy, selection_baseline,
+    images), q_value (Benjamini-Hochberg over the rows of the table),
+    significant (q < 0.05), selection_accuracy, selection_baseline,
     below_baseline (on the selection images; True ends the series), unit_ids.
     """
     selection = selection or report
@@ -366,14 +376,25 @@ def intervention_table(report: InterventionCounts, selection: InterventionCounts
                 "ci_low": float(low[i]),
                 "ci_high": float(high[i]),
                 "p_value": float(p_values[i]),
-                "significant": bool(p_values[i] < ALPHA),
                 "selection_accuracy": sel_acc[i],
                 "selection_baseline": sel_base,
                 "below_baseline": below,
                 "unit_ids": " ".join(str(u) for u in iv.units),
             }
         )
-    return pd.DataFrame(rows)
+    columns = ["intervention", "units", "operation", "factor", "accuracy", "baseline", "change", "lost", "gained",
+               "ci_low", "ci_high", "p_value", "selection_accuracy", "selection_baseline", "below_baseline",
+               "unit_ids"]
+    table = pd.DataFrame(rows, columns=columns)
+    table.insert(12, "q_value", bh_qvalues(table["p_value"].to_numpy(dtype=float)))
+    table.insert(13, "significant", table["q_value"] < ALPHA)
+    return table
+
+
+def table1_power(table: pd.DataFrame, report: InterventionCounts) -> Power:
+    """What Table 1's tests could detect on the report images (:class:`analysis.rankings.Power`)."""
+    n = int(report.total.sum())
+    return power_of(table["q_value"].to_numpy(dtype=float), n, n - int(report.baseline_correct.sum()))
 
 
 def run_table1(

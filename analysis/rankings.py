@@ -7,31 +7,48 @@ per class (:func:`rank_units_per_class`). A change is tested against the
 unablated model on the same images (McNemar's exact test, Agresti-Min interval,
 Benjamini-Hochberg q-values; :mod:`analysis.stats`) and is "significant" when
 its q-value is below :data:`ALPHA`.
+
+Evidence rules (DESIGN.md "Evidence"): a unit gets a verdict ("useful",
+"harmful") only when its change is significant; units equal in change and
+p-value share a rank and no list or selection is completed by unit id
+(:func:`select_units`); every family of tests states what it could have
+detected (:class:`Power`: the minimum detectable effect of
+:func:`analysis.stats.mcnemar_mde` at the level of one more BH rejection).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
+from numpy.typing import ArrayLike
 
 from analysis.counts import AblationCounts
-from analysis.stats import bh_qvalues, mcnemar_exact, paired_proportion_interval
+from analysis.stats import bh_level, bh_qvalues, mcnemar_exact, mcnemar_mde, paired_proportion_interval
 from trainables.errors import ConfigError
 
 __all__ = [
     "ALPHA",
+    "POWER",
+    "Power",
+    "UnitSelection",
     "best_units",
+    "class_power",
     "class_accuracy",
     "rank_units",
+    "power_of",
     "rank_units_per_class",
+    "select_units",
     "unit_accuracy",
+    "unit_power",
     "worst_units",
 ]
 
 ALPHA = 0.05  # a change is "significant" when its Benjamini-Hochberg q-value is below this
+POWER = 0.8  # the minimum detectable effect is the change found with this probability
 
 
 def _class_labels(counts_k: int, class_names: Sequence[str] | None) -> list:
@@ -113,72 +130,201 @@ def unit_accuracy(counts: AblationCounts) -> pd.DataFrame:
     return df
 
 
-def _verdict(change: pd.Series) -> pd.Series:
-    return pd.Series(["bad" if c > 0 else "good" if c < 0 else "neutral" for c in change], index=change.index)
+def _verdict(change: pd.Series, significant: pd.Series) -> pd.Series:
+    """"useful" (removal lowers accuracy), "harmful" (removal raises it) only where the change is significant;
+    "neutral" otherwise, whatever the sign of a change the test cannot tell from none."""
+    return pd.Series(["harmful" if s and c > 0 else "useful" if s and c < 0 else "neutral"
+                      for c, s in zip(change, significant)], index=change.index)
+
+
+def _shared_rank(keys: pd.DataFrame) -> list[int]:
+    """Rank 1, 2, ... of rows already sorted by ``keys``; rows equal on every key share the lower rank."""
+    ranks, previous = [], None
+    for i, key in enumerate(keys.itertuples(index=False, name=None), start=1):
+        ranks.append(ranks[-1] if key == previous else i)
+        previous = key
+    return ranks
+
+
+def _head_whole_ties(rows: pd.DataFrame, keys: list[str], k: int) -> pd.DataFrame:
+    """The first rows of ``rows`` (sorted by ``keys``) with a shared ``rank`` column, keeping a group of rows
+    equal on ``keys`` only when all of it fits within the first ``k``: no tie is split by row order."""
+    ranks = _shared_rank(rows[keys])
+    sizes = rows.groupby(keys, sort=False)[keys[0]].transform("size").to_numpy()
+    keep = [r + int(size) - 1 <= k for r, size in zip(ranks, sizes)]
+    return rows.assign(rank=ranks)[keep]
 
 
 def rank_units(counts: AblationCounts) -> pd.DataFrame:
     """Units ranked overall, most important first: unit_accuracy plus ``rank`` and ``verdict``.
 
-    Sorted by change ascending (ties by unit): rank 1 is the unit whose removal
-    lowers accuracy most. verdict: "good" (removal lowers accuracy), "bad"
-    (removal raises it; the paper's worst units), "neutral".
+    Sorted by change ascending, then by p-value (more evidence first): rank 1 is the
+    unit whose removal lowers accuracy most. Units equal in both share a rank (their
+    row order follows the unit id, their rank does not). verdict: "useful" (removal
+    lowers accuracy; the paper's "good" units), "harmful" (raises it; the paper's
+    "bad" units) only when significant (q < :data:`ALPHA`), else "neutral".
     """
-    df = unit_accuracy(counts).sort_values(["change", "unit"], kind="stable").reset_index(drop=True)
-    df["rank"] = range(1, len(df) + 1)
-    df["verdict"] = _verdict(df["change"])
-    return df
+    df = unit_accuracy(counts)
+    df["net"] = df["gained"] - df["lost"]  # the change in images: ties compared exactly
+    df = df.sort_values(["net", "p_value", "unit"], kind="stable").reset_index(drop=True)
+    df["rank"] = _shared_rank(df[["net", "p_value"]])
+    df["verdict"] = _verdict(df["change"], df["significant"])
+    return df.drop(columns="net")
 
 
-def worst_units(counts: AblationCounts, k: int) -> list[int]:
-    """The k units whose removal raises overall accuracy most (largest change first; ties by unit).
+@dataclass(frozen=True)
+class UnitSelection:
+    """Up to k units whose removal changes accuracy in one direction, chosen without looking at unit ids.
 
-    Taken by rank even when fewer than k units are strictly "bad"; filter
-    :func:`rank_units` by verdict for only those.
+    Attributes:
+        direction: "worst" (removal raises accuracy) or "best" (removal lowers it).
+        k: how many were asked for.
+        units: the chosen units, largest change first (ties by evidence: smaller p first).
+        qualifying: units whose change is non-zero in that direction.
+        tied: units tied (same change and p-value) with a chosen one's successor for the last
+            places: all of them would not fit in k, so none of them is chosen.
     """
-    df = unit_accuracy(counts).assign(neg=lambda d: -d["change"])
-    return [int(u) for u in df.sort_values(["neg", "unit"], kind="stable")["unit"].head(k)]
+
+    direction: str
+    k: int
+    units: tuple[int, ...]
+    qualifying: int
+    tied: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``worst-3``: the direction and how many units were actually chosen."""
+        return f"{self.direction}-{len(self.units)}"
+
+    def shortfall(self) -> str | None:
+        """One sentence when fewer than k units were chosen, else None."""
+        if len(self.units) == self.k:
+            return None
+        way = "raises" if self.direction == "worst" else "lowers"
+        text = (f"{self.direction}-{self.k}: {self.qualifying} unit(s) whose removal {way} accuracy on the selection "
+                f"images; {len(self.units)} chosen")
+        if self.tied:
+            text += (f"; {len(self.tied)} more ({' '.join(map(str, self.tied))}) tie for the last "
+                     f"{self.k - len(self.units)} place(s) and are left out rather than chosen by id")
+        return text
 
 
-def best_units(counts: AblationCounts, k: int) -> list[int]:
-    """The k units whose removal lowers overall accuracy most (most negative change first; ties by unit)."""
-    return [int(u) for u in rank_units(counts)["unit"].head(k)]
+def select_units(counts: AblationCounts, k: int, direction: str) -> UnitSelection:
+    """The ``k`` units whose removal raises (``"worst"``) or lowers (``"best"``) overall accuracy most.
+
+    Only units whose change is non-zero in that direction qualify. They are ranked by
+    the change in images, then by McNemar's p-value (more evidence first); a group of
+    units equal in both that straddles the k-th place is left out whole, so a
+    selection is never completed by unit id. Fewer than k units come back when fewer
+    qualify or a tie is left out (:meth:`UnitSelection.shortfall` says which).
+    """
+    if direction not in ("worst", "best"):
+        raise ConfigError(f"direction must be 'worst' or 'best', got '{direction}'")
+    if k < 1:
+        raise ConfigError(f"k must be >= 1, got {k}")
+    df = unit_accuracy(counts)
+    sign = 1 if direction == "worst" else -1
+    df["gain"] = sign * (df["gained"] - df["lost"])  # > 0: the change goes the asked way, in images
+    df = df[df["gain"] > 0].sort_values(["gain", "p_value"], ascending=[False, True], kind="stable")
+    chosen: list[int] = []
+    tied: list[int] = []
+    for _, group in df.groupby(["gain", "p_value"], sort=False):
+        units = [int(u) for u in group["unit"]]
+        if len(chosen) + len(units) > k:
+            tied = units if len(chosen) < k else []
+            break
+        chosen += units
+    return UnitSelection(direction, k, tuple(chosen), len(df), tuple(tied))
+
+
+def worst_units(counts: AblationCounts, k: int) -> UnitSelection:
+    """:func:`select_units` in the direction "worst": removal raises accuracy (the paper's bad units)."""
+    return select_units(counts, k, "worst")
+
+
+def best_units(counts: AblationCounts, k: int) -> UnitSelection:
+    """:func:`select_units` in the direction "best": removal lowers accuracy (the paper's good units)."""
+    return select_units(counts, k, "best")
+
+
+@dataclass(frozen=True)
+class Power:
+    """What a family of exact McNemar tests on the same images could detect (:func:`analysis.stats.mcnemar_mde`).
+
+    images, errors: the images and the baseline's errors among them; level: the p-value
+    one more rejection needs after Benjamini-Hochberg (:func:`analysis.stats.bh_level`);
+    drop, gain: the accuracy changes (fractions, >= 0; inf: none) detected with
+    probability ``power`` at that level.
+    """
+
+    images: int
+    errors: int
+    level: float
+    drop: float
+    gain: float
+    power: float = POWER
+
+
+def power_of(q_values: ArrayLike, images: int, errors: int, power: float = POWER) -> Power:
+    """The :class:`Power` of tests with these q-values on ``images`` images with ``errors`` baseline errors."""
+    level = bh_level(q_values, ALPHA)
+    drop, gain = mcnemar_mde(images, errors, level, power)
+    return Power(int(images), int(errors), level, float(drop), float(gain), power)
+
+
+def unit_power(counts: AblationCounts, ranked: pd.DataFrame | None = None) -> Power:
+    """The power of the per-unit tests of :func:`unit_accuracy` (``ranked``: that table, if already made)."""
+    ranked = unit_accuracy(counts) if ranked is None else ranked
+    n = counts.num_images
+    return power_of(ranked["q_value"].to_numpy(), n, n - int(counts.baseline_correct.sum()))
+
+
+def class_power(counts: AblationCounts, tidy: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per class: images, errors (baseline), level, mde_drop, mde_gain of its per-unit tests (fractions).
+
+    ``tidy``: :func:`class_accuracy` of ``counts`` if already made. Classes without images are left out.
+    """
+    tidy = class_accuracy(counts) if tidy is None else tidy
+    rows = []
+    for c, part in tidy.groupby("class"):
+        images = int(counts.total[int(c)])
+        if images == 0:
+            continue
+        p = power_of(part["q_value"].to_numpy(), images, images - int(counts.baseline_correct[int(c)]))
+        rows.append({"class": int(c), "images": images, "errors": p.errors, "level": p.level,
+                     "mde_drop": p.drop, "mde_gain": p.gain})
+    return pd.DataFrame(rows, columns=["class", "images", "errors", "level", "mde_drop", "mde_gain"])
 
 
 def rank_units_per_class(
     counts: AblationCounts, k: int = 5, class_names: Sequence[str] | None = None
 ) -> pd.DataFrame:
-    """For every class, its k best ("good") and k worst ("bad") units by change of that class's accuracy.
+    """For every class, up to k units whose removal lowers its accuracy most and up to k that raise it most.
 
-    Columns: class, [class_name], verdict ("good": removal lowers the class's
-    accuracy most; "bad": raises it most), rank (1..k within class and verdict),
-    unit, accuracy, baseline_accuracy, change. Ranking is by change alone, so a
-    "bad" row can have change <= 0 when fewer than k units help the class.
+    Columns: class, [class_name], direction ("lowers" / "raises" the class's
+    accuracy), rank (within class and direction; ties share it), unit, accuracy,
+    baseline_accuracy, change, lost, gained, the paired test of :func:`class_accuracy`
+    (q over the units of that class), verdict ("useful" / "harmful" only when
+    significant, else "neutral"), and the class's power (:func:`class_power`:
+    mde_drop, mde_gain, fractions). A unit with no change for the class is never
+    listed; like :func:`select_units`, a group of units tied in change and p-value
+    that straddles the k-th place is left out whole, so fewer than k rows can appear.
     Classes without images are left out.
     """
-    df = class_accuracy(counts, class_names).dropna(subset=["accuracy"])
-    good = df.sort_values(["class", "change", "unit"], kind="stable").groupby("class").head(k)
-    bad = (
-        df.assign(neg=-df["change"])
-        .sort_values(["class", "neg", "unit"], kind="stable")
-        .groupby("class")
-        .head(k)
-        .drop(columns="neg")
-    )
+    tidy = class_accuracy(counts, class_names)
+    df = tidy.dropna(subset=["accuracy"]).assign(net=lambda d: d["gained"] - d["lost"])
     parts = []
-    for verdict, part in (("good", good), ("bad", bad)):
-        part = part.copy()
-        part["verdict"] = verdict
-        part["rank"] = part.groupby("class").cumcount() + 1
-        parts.append(part)
+    for direction, sign in (("lowers", -1), ("raises", 1)):
+        moved = df[sign * df["net"] > 0].assign(key=lambda d: -sign * d["net"])
+        moved = moved.sort_values(["class", "key", "p_value", "unit"], kind="stable")
+        for _, part in moved.groupby("class", sort=True):
+            parts.append(_head_whole_ties(part, ["key", "p_value"], k).assign(direction=direction))
     cols = ["class"] + (["class_name"] if class_names is not None else []) + [
-        "verdict",
-        "rank",
-        "unit",
-        "accuracy",
-        "baseline_accuracy",
-        "change",
-    ]
-    cols += ["lost", "gained", "ci_low", "ci_high", "p_value", "q_value", "significant"]
-    out = pd.concat(parts)[cols]
-    return out.sort_values(["class", "verdict", "rank"], kind="stable").reset_index(drop=True)
+        "direction", "rank", "unit", "accuracy", "baseline_accuracy", "change", "lost", "gained", "ci_low",
+        "ci_high", "p_value", "q_value", "significant", "verdict"]
+    if not parts:
+        return pd.DataFrame(columns=cols + ["mde_drop", "mde_gain"])
+    out = pd.concat(parts)
+    out["verdict"] = _verdict(out["change"], out["significant"])
+    out = out[cols].merge(class_power(counts, tidy)[["class", "mde_drop", "mde_gain"]], on="class", how="left")
+    return out.sort_values(["class", "direction", "rank", "unit"], kind="stable").reset_index(drop=True)

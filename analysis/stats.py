@@ -15,6 +15,26 @@ Pure numpy/scipy; every function is vectorised over its count arguments.
 * Agresti & Min (2005, Stat. Med. 24:729) adjusted Wald interval for the
   difference of two matched proportions: add 1/2 to each of the four cells of
   the paired 2x2 table, then the Wald interval for ``(gained - lost) / n``.
+* Minimum detectable effect (MDE) of the exact McNemar test, conditional on
+  these images and this baseline: n images of which ``errors`` are wrong
+  without the intervention. A *drop* is modelled as each of the n - errors
+  right images turning wrong independently with probability pi and none
+  turning right (a *gain*: each of the ``errors`` wrong images turning right
+  with probability pi, none turning wrong). Then ``lost ~ Bin(n - errors, pi)``
+  and the test at level ``level`` rejects when ``lost >= L``, L the fewest
+  one-way discordant images with ``p(L, 0) = min(1, 2^(1-L)) < level``; its
+  power is ``P(Bin(n - errors, pi) >= L) = P(Beta(L, n - errors - L + 1) <= pi)``,
+  so the pi of 80% power is that Beta quantile, and the MDE is the expected
+  change ``pi (n - errors) / n`` (``pi errors / n`` for a gain). One-way flips
+  are the alternative easiest to detect: a change of the same size that also
+  flips some images the other way needs more. ``inf`` when even flipping every
+  image cannot reach L (a gain with fewer than L baseline errors).
+* The level of one more rejection after Benjamini-Hochberg: of m tests of which
+  R have q < alpha, a further test (in place of one not rejected) is rejected
+  whenever its p < alpha (R + 1) / m (the R rejected p-values and it are then the
+  R + 1 smallest, all below alpha (R + 1) / m). This is sufficient, not
+  necessary: BH may also reject slightly larger p-values when other tests sit
+  just above their own thresholds, so the MDE at this level errs large.
 * Student t interval of the mean of paired differences (one-sample t on the
   differences): ``mean +- t_{(1+c)/2, n-1} s / sqrt(n)``, s the sample standard
   deviation; no interval when n < 2.
@@ -66,6 +86,54 @@ def bh_qvalues(p: ArrayLike) -> np.ndarray:
     ranked[order] = np.minimum(stepped, 1.0)
     q[tested] = ranked
     return q
+
+
+def bh_level(q: ArrayLike, alpha: float) -> float:
+    """``min(alpha, alpha (R + 1) / m)``: the p-value below which Benjamini-Hochberg over the m q-values ``q``
+    (NaNs not counted) would reject one more test, R being those already at ``q < alpha`` (module docstring)."""
+    q = np.asarray(q, dtype=float)
+    q = q[~np.isnan(q)]
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    if q.size == 0:
+        return alpha
+    return min(alpha, alpha * (int((q < alpha).sum()) + 1) / q.size)
+
+
+def one_way_discordant_needed(level: float) -> int:
+    """L: the fewest discordant images, all in one direction, whose exact McNemar p ``2^(1-L)`` is below ``level``."""
+    if not 0 < level <= 1:
+        raise ValueError(f"level must lie in (0, 1], got {level}")
+    L = max(1, math.ceil(1 - math.log2(level)))
+    while min(1.0, 2.0 ** (1 - L)) >= level:  # guard the float rounding of log2 at exact powers of two
+        L += 1
+    while L > 1 and min(1.0, 2.0 ** (2 - L)) < level:
+        L -= 1
+    return L
+
+
+def mcnemar_mde(
+    n: ArrayLike, errors: ArrayLike, level: float, power: float = 0.8
+) -> tuple[np.ndarray, np.ndarray]:
+    """(drop, gain): the accuracy changes (fractions, both >= 0) the exact McNemar test at ``level`` detects
+    with probability ``power`` on ``n`` images of which ``errors`` are baseline errors (module docstring).
+
+    ``inf`` where no such change exists, NaN where ``n == 0``. Broadcasts ``n`` and ``errors``.
+    """
+    if not 0 < power < 1:
+        raise ValueError(f"power must lie in (0, 1), got {power}")
+    total, wrong = np.broadcast_arrays(_counts(n, "n"), _counts(errors, "errors"))
+    if np.any(wrong > total):
+        raise ValueError("errors cannot exceed the number of images n")
+    L = one_way_discordant_needed(level)
+
+    def change(pool: np.ndarray) -> np.ndarray:
+        ok = pool >= L
+        pi = stats.beta.ppf(power, L, np.where(ok, pool - L + 1, 1))
+        out = np.where(ok, pi * pool / np.maximum(total, 1), np.inf)
+        return np.where(total == 0, np.nan, out)
+
+    return change(total - wrong), change(wrong)
 
 
 def _upper_level(confidence: float) -> float:

@@ -149,25 +149,41 @@ def table2_markdown(table: pd.DataFrame) -> str:
 
 def accuracy_title(table: pd.DataFrame) -> str:
     """Title of :func:`accuracy_figure`: claims an interval only when some method has n >= 2 test accuracies."""
+    what = "Test accuracy per method" if len(table) > 1 else f"Test accuracy of {table['method'].iloc[0]}"
     if (table["test_acc_n"] < 2).all():
-        return "Test accuracy per method\n(single runs, no interval)"
-    return "Test accuracy per method\n(mean, 95% t interval over seeds where n ≥ 2)"
+        return f"{what}\n(single runs, no interval)"
+    return f"{what}\n(mean, 95% t interval over seeds where n ≥ 2)"
 
 
 def accuracy_figure(table: pd.DataFrame, path) -> None:
-    """Test accuracy per method with 95% t interval bars where n >= 2, each bar labelled with its n (PNG)."""
+    """Test accuracy per method as points, 95% t interval bars only where n >= 2, each labelled with its n (PNG).
+
+    Points, not bars from 0: the accuracies of interest differ by a few points near the top of the scale.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(table), 3.5))
-    err = np.nan_to_num(table["test_acc_ci"].to_numpy(dtype=float) * 100)
-    bars = ax.bar(table["method"], table["test_acc"] * 100, yerr=err, capsize=4, color="#4c72b0")
-    ax.bar_label(bars, [f"n={n}" for n in table["test_acc_n"]], label_type="center", color="white", fontsize=8)
+    plt.style.use("default")  # optuna's plots switch the whole process to ggplot
+    fig, ax = plt.subplots(figsize=(2.5 + 1.2 * len(table), 3.5))
+    acc = table["test_acc"].to_numpy(dtype=float) * 100
+    err = table["test_acc_ci"].to_numpy(dtype=float) * 100
+    x = np.arange(len(table))
+    ax.plot(x, acc, "o", color="#4c72b0")
+    with_ci = (table["test_acc_n"].to_numpy() >= 2) & ~np.isnan(err)
+    if with_ci.any():  # no interval and no cap is drawn for n < 2
+        ax.errorbar(x[with_ci], acc[with_ci], yerr=err[with_ci], fmt="none", capsize=4, color="#4c72b0")
+    for xi, a, n in zip(x, acc, table["test_acc_n"]):
+        ax.annotate(f"{a:.2f}% (n={n})", (xi, a), textcoords="offset points", xytext=(8, -3), fontsize=8)
+    spread = np.nan_to_num(np.where(with_ci, err, 0))
+    lo, hi = np.nanmin(acc - spread), np.nanmax(acc + spread)
+    pad = max(0.5, 0.15 * (hi - lo))
+    ax.set_ylim(max(0.0, lo - pad), hi + pad)
+    ax.set_xlim(-0.5, len(table) - 0.5 + 0.6)
+    ax.set_xticks(x, table["method"], rotation=20 if len(table) > 1 else 0)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(accuracy_title(table))
-    ax.tick_params(axis="x", rotation=20)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -184,6 +200,8 @@ def parallel_coordinates_figure(runs: pd.DataFrame, path, stopped: pd.DataFrame 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+
+    plt.style.use("default")  # optuna's plots switch the whole process to ggplot
 
     stopped = stopped if stopped is not None else runs.iloc[0:0]
     both = pd.concat([runs, stopped])

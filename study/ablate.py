@@ -36,7 +36,7 @@ import torch
 from analysis.counts import AblationCounts
 from analysis.figures import ablation_figures
 from analysis.hooks import check_units
-from analysis.rankings import ALPHA, class_accuracy, rank_units, rank_units_per_class
+from analysis.rankings import ALPHA, Power, class_accuracy, class_power, rank_units, rank_units_per_class, unit_power
 from study.config import StudyConfig
 from study.fanout import (
     FanOut,
@@ -150,8 +150,8 @@ def precision_sample(cfg: StudyConfig, num_images: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- outputs
 
 
-def write_ablation_outputs(counts: AblationCounts, cfg: StudyConfig, out_dir: Path) -> list[Path]:
-    """ablation.parquet / .csv (tidy), units_ranked.csv, units_ranked_per_class.csv, two PNGs."""
+def write_ablation_outputs(counts: AblationCounts, cfg: StudyConfig, out_dir: Path) -> tuple[list[Path], pd.DataFrame]:
+    """ablation.parquet / .csv (tidy), units_ranked.csv, units_ranked_per_class.csv, two PNGs; and the tidy table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     from trainables.datasets import dataset_spec
 
@@ -163,7 +163,7 @@ def write_ablation_outputs(counts: AblationCounts, cfg: StudyConfig, out_dir: Pa
     tidy.to_csv(files[1], index=False)
     rank_units(counts).to_csv(files[2], index=False)
     rank_units_per_class(counts, cfg.ablation.top_k, names).to_csv(files[3], index=False)
-    return files + ablation_figures(counts, out_dir, names)
+    return files + ablation_figures(counts, out_dir, names), tidy
 
 
 # --------------------------------------------------------------------------- study ablate
@@ -173,6 +173,9 @@ def write_ablation_outputs(counts: AblationCounts, cfg: StudyConfig, out_dir: Pa
 class AblationResult:
     counts: AblationCounts
     ranked: pd.DataFrame  # rank_units(counts)
+    power: Power  # what the per-unit tests could detect (unit_power)
+    class_power: pd.DataFrame  # the same per class (analysis.rankings.class_power)
+    class_significant: int  # (unit, class) changes with q < ALPHA over the units of their class
     out_dir: Path
     files: list[Path]
     run_id: str
@@ -207,13 +210,18 @@ def ablate(
     shared = put_shared(cfg, source, [split])
     counts, done = ablation_counts(cfg, source, split, units, shared, out_dir=out_dir, num_shards=num_shards,
                                    quiet=quiet, fail_once_dir=fail_once_dir)
-    files = write_ablation_outputs(counts, cfg, out_dir)
+    files, tidy = write_ablation_outputs(counts, cfg, out_dir)
     ranked = rank_units(counts)
+    power, per_class = unit_power(counts, ranked), class_power(counts, tidy)
     baseline = float(counts.baseline_correct.sum()) / counts.num_images
     pairs, differ = done.precision
     metrics = {"ablation/baseline_acc": baseline, "ablation/best_unit_change": float(ranked["change"].min()),
                "ablation/worst_unit_change": float(ranked["change"].max()),
-               "ablation/significant_units": int(ranked["significant"].sum())}
+               "ablation/significant_units": int(ranked["significant"].sum()),
+               "ablation/bh_level": power.level}
+    # inf (not logged): no drop (gain) can be detected with fewer right (wrong) images than the test needs
+    metrics.update({key: 100 * v for key, v in (("ablation/mde_pt", power.drop), ("ablation/mde_gain_pt", power.gain))
+                    if v < float("inf")})
     if pairs:
         metrics.update({"ablation/precision_pairs_checked": pairs, "ablation/precision_pairs_differ": differ})
     run_id = log_analysis_run(
@@ -223,9 +231,12 @@ def ablate(
         files=files, started=started,
         summary=f"Each of the {len(units)} {cfg.ablation.layer} units removed in turn on {counts.num_images} test "
                 f"images; ablation/*_change are accuracy changes against ablation/baseline_acc (fractions); "
-                f"units_ranked.csv has each unit's exact McNemar p and BH q.",
+                f"units_ranked.csv has each unit's exact McNemar p and BH q; ablation/mde_pt (mde_gain_pt) is the "
+                f"drop (gain) in points found with {power.power:.0%} power at BH level ablation/bh_level.",
     )
-    return AblationResult(counts, ranked, out_dir, files, run_id, source, done, cfg)
+    class_significant = int(tidy["significant"].sum())
+    return AblationResult(counts, ranked, power, per_class, class_significant, out_dir, files, run_id, source, done,
+                          cfg)
 
 
 def run_ablation(
@@ -247,24 +258,31 @@ def run_ablation(
 
 
 def ablation_summary(result: AblationResult, n: int = 5) -> list[str]:
-    """A few lines for the terminal: baseline, the n worst and n best units, where things went."""
-    c = result.counts
-    r = result.ranked
-    worst = r.sort_values(["change", "unit"], ascending=[False, True]).head(n)
-    best = r.head(n)
+    """A few lines for the terminal: baseline, the significant units (or that there are none), the power of
+    every null (overall and per class), where things went. No unit is named unless its q < ALPHA."""
+    c, r, power = result.counts, result.ranked, result.power
     src = f", source run {result.source.run_id}" if result.source.run_id else ""
-    raised, lowered = r[r["significant"] & (r["change"] > 0)], r[r["significant"] & (r["change"] < 0)]
+    useful = r[r["significant"] & (r["change"] < 0)]  # most negative change first (rank_units' order)
+    harmful = r[r["significant"] & (r["change"] > 0)].assign(net=lambda d: d["gained"] - d["lost"])
+    harmful = harmful.sort_values(["net", "p_value"], ascending=[False, True], kind="stable")
     lines = [
         f"{c.layer}: {c.units.numel()} units ablated one at a time on {c.num_images} test images, "
         f"{len(result.fan_out.results)} tasks ({len(result.fan_out.computed)} run now, "
         f"{len(result.fan_out.reused)} resumed)",
-        f"baseline accuracy {result.baseline_accuracy:.2%}; each change is tested against it on the same images "
-        f"(exact McNemar test, Benjamini-Hochberg q over the {len(r)} units)",
-        f"significant at q < {ALPHA:g}: {len(lowered)} unit(s) whose removal lowers accuracy, {len(raised)} whose "
-        "removal raises it",
-        f"worst units (removal raises accuracy): {_unit_list(worst)}",
-        f"best units (removal lowers accuracy):  {_unit_list(best)}",
+        f"baseline accuracy {result.baseline_accuracy:.2%} ({power.errors} errors); each change is tested against "
+        f"it on the same images (exact McNemar test, Benjamini-Hochberg q over the {len(r)} units)",
     ]
+    if len(useful) + len(harmful) == 0:
+        lines.append(f"no unit's removal changes accuracy significantly (q < {ALPHA:g}); {detectable(power)}")
+    else:
+        lines += [
+            f"significant at q < {ALPHA:g}: {len(useful)} unit(s) whose removal lowers accuracy (useful), "
+            f"{len(harmful)} whose removal raises it (harmful)",
+            f"useful units (removal lowers accuracy): {_unit_list(useful, n)}",
+            f"harmful units (removal raises accuracy): {_unit_list(harmful, n)}",
+            f"the other {len(r) - len(useful) - len(harmful)} units: no significant change; {detectable(power)}",
+        ]
+    lines.append(_class_line(result))
     pairs, differ = result.fan_out.precision
     if pairs:
         lines.append(f"float32 check: {differ} of {pairs} (unit, image) results differ from float64 on a sample "
@@ -275,8 +293,40 @@ def ablation_summary(result: AblationResult, n: int = 5) -> list[str]:
     ]
 
 
-def _unit_list(rows: pd.DataFrame) -> str:
-    """``48 (+1.20 pt, q 0.030*)``: change, q-value, ``*`` when significant."""
-    return ", ".join(f"{int(r.unit)} ({r.change * 100:+.2f} pt, q {r.q_value:.3f}{'*' if r.significant else ''})"
-                     for r in rows.itertuples())
+def detectable(power: Power) -> str:
+    """``with 80% power the test detects a drop of 0.07 pt or a gain of 0.07 pt (BH level 0.00078)``."""
+    gain = (f"a gain of {100 * power.gain:.2f} pt (~{power.gain * power.images:.0f} images)"
+            if power.gain < float("inf") else f"no gain at all (only {power.errors} baseline errors)")
+    return (f"with {power.power:.0%} power the test on these {power.images} images detects a drop of "
+            f"{100 * power.drop:.2f} pt (~{power.drop * power.images:.0f} images) or {gain} "
+            f"(at BH level {power.level:.2g})")
 
+
+def _class_line(result: AblationResult) -> str:
+    """Per class: how many (unit, class) changes are significant and the range of what the rest could show."""
+    cp = result.class_power
+    if cp.empty:
+        return "per class: no class has images"
+    pts = lambda s: (f"{100 * s.min():.1f}-{100 * s.max():.1f} pt" if s.min() < s.max()  # noqa: E731
+                     else f"{100 * s.min():.1f} pt")
+    finite = cp["mde_gain"][cp["mde_gain"] < float("inf")]
+    gains = f"gains of {pts(finite)}" if len(finite) else "no gain"
+    if 0 < len(finite) < len(cp):
+        gains += f" ({len(cp) - len(finite)} classes: none)"
+    lo, hi = int(cp["images"].min()), int(cp["images"].max())
+    return (f"per class ({lo if lo == hi else f'{lo}-{hi}'} images each): {result.class_significant} "
+            f"(unit, class) change(s) significant at q < {ALPHA:g}; otherwise detectable with {result.power.power:.0%} "
+            f"power: drops of {pts(cp['mde_drop'])}, {gains} (units_ranked_per_class.csv)")
+
+
+def _unit_list(rows: pd.DataFrame, n: int) -> str:
+    """``48 (-1.20 pt, q 0.030), ...``: the first rows, never splitting a group of units tied in change and p."""
+    if rows.empty:
+        return "none"
+    keys = list(zip(rows["gained"] - rows["lost"], rows["p_value"]))
+    cut = min(n, len(rows))
+    while 0 < cut < len(rows) and keys[cut - 1] == keys[cut]:
+        cut -= 1  # the tie at the cut is left for the "more" count
+    text = ", ".join(f"{int(r.unit)} ({r.change * 100:+.2f} pt, q {r.q_value:.3g})" for r in rows.iloc[:cut].itertuples())
+    rest = len(rows) - cut
+    return (text + (", " if text else "") + f"{rest} more in units_ranked.csv") if rest else text

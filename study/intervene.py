@@ -8,7 +8,10 @@ computation is :mod:`analysis.intervention`; this is its driver:
    set), report split = test;
 2. per-unit ablation on the selection split (fanned out and resumable exactly
    like ``study ablate``) gives the worst-k units (removal raises accuracy most)
-   and the best-k (removal lowers it most), k = ``ablation.top_k``;
+   and the best-k (removal lowers it most), k = ``ablation.top_k``, drawn only
+   from units whose change on the selection images goes that way (never a
+   zero-change unit; ties broken by evidence, never by id:
+   :func:`analysis.rankings.select_units`); fewer than k is said, none skips its rows;
 3. every intervention of :func:`analysis.intervention.table1_interventions`
    (output and weight, divided and multiplied by each of ``ablation.factors``)
    is evaluated on data shards of both splits as Ray tasks and the counts are
@@ -16,7 +19,9 @@ computation is :mod:`analysis.intervention`; this is its driver:
    rule (stop raising the factor once accuracy falls below baseline) judged on
    the selection split;
    every row carries its exact McNemar p-value against the unmodified model on
-   the same test images; rows with p >= 0.05 are marked not significant;
+   the same test images and its Benjamini-Hochberg q over the rows; rows with
+   q >= 0.05 are marked not significant, and the table states the change its
+   tests detect with 80% power (:func:`analysis.intervention.table1_power`);
 4. Table 1 is printed (Markdown) and logged as CSV and Markdown to an MLflow run
    tagged ``kind=intervention``, linked to the checkpoint's run like ``study ablate``.
 """
@@ -36,8 +41,9 @@ import torch
 
 from analysis.counts import AblationCounts
 from analysis.hooks import check_units
-from analysis.intervention import InterventionCounts, intervention_table, table1_interventions
-from analysis.rankings import best_units, rank_units, worst_units
+from analysis.intervention import InterventionCounts, intervention_table, table1_interventions, table1_power
+from analysis.rankings import ALPHA, Power, UnitSelection, best_units, rank_units, worst_units
+from study.ablate import detectable
 from study.ablate import ablation_counts
 from study.config import StudyConfig
 from study.fanout import (
@@ -71,8 +77,9 @@ class InterventionResult:
     selection_ablation: AblationCounts
     report: InterventionCounts
     selection: InterventionCounts
-    worst: list[int]
-    best: list[int]
+    worst: UnitSelection
+    best: UnitSelection
+    power: Power  # what the table's tests could detect on the test images (table1_power)
     out_dir: Path
     files: list[Path]
     run_id: str
@@ -135,12 +142,11 @@ def intervention_counts_fanned(
     return total, done
 
 
-def table1_display(table: pd.DataFrame) -> pd.DataFrame:
+def table1_display(table: pd.DataFrame, report: InterventionCounts, selection: InterventionCounts) -> pd.DataFrame:
     """Table 1 for people: a baseline row, then one row per intervention tried, accuracies in %."""
     pct = lambda v: f"{v * 100:.2f}%"  # noqa: E731
-    first = table.iloc[0]
-    rows = [{"units": "-", "intervention": "baseline (none)", "test acc": pct(first["baseline"]), "change": "",
-             "95% CI": "", "p": "", "val acc": pct(first["selection_baseline"]), "stop": ""}]
+    rows = [{"units": "-", "intervention": "baseline (none)", "test acc": pct(report.baseline_accuracy), "change": "",
+             "95% CI": "", "p": "", "q": "", "val acc": pct(selection.baseline_accuracy), "stop": ""}]
     for _, r in table.iterrows():
         sign = "/" if r["operation"] == "divide" else "x"
         rows.append({
@@ -149,7 +155,8 @@ def table1_display(table: pd.DataFrame) -> pd.DataFrame:
             "test acc": pct(r["accuracy"]),
             "change": f"{r['change'] * 100:+.2f} pt",
             "95% CI": f"[{r['ci_low'] * 100:+.2f}, {r['ci_high'] * 100:+.2f}]",
-            "p": f"{r['p_value']:.3g}" + ("" if r["significant"] else " (n.s.)"),
+            "p": f"{r['p_value']:.3g}",
+            "q": f"{r['q_value']:.3g}" + ("" if r["significant"] else " (n.s.)"),
             "val acc": pct(r["selection_accuracy"]),
             "stop": "below baseline" if r["below_baseline"] else "",
         })
@@ -198,39 +205,63 @@ def intervene(
         counts[split.name], fans[split.name] = intervention_counts_fanned(
             cfg, source, split, plan, shared, out_dir=out_dir, num_shards=num_shards, quiet=quiet)
     table = intervention_table(counts["test"], counts["val"])
+    power = table1_power(table, counts["test"])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "table1.csv", out_dir / "table1.md", out_dir / "units_ranked_val.csv"]
     table.to_csv(files[0], index=False)
+    notes = "\n".join(table1_notes(worst, best, table, power))
     files[1].write_text(
         f"# Table 1: {layer} interventions\n\n{table1_caption(selection.num_images, report.num_images, worst, best)}"
-        f"\n\n{markdown_table(table1_display(table))}\n"
+        f"\n\n{markdown_table(table1_display(table, counts['test'], counts['val']))}\n\n{notes}\n"
     )
     rank_units(ablation).to_csv(files[2], index=False)
+    metrics = {"intervention/test_baseline_acc": counts["test"].baseline_accuracy,
+               "intervention/val_baseline_acc": counts["val"].baseline_accuracy,
+               "intervention/significant_rows": int(table["significant"].sum()),
+               "intervention/bh_level": power.level}
+    if len(table):
+        metrics["intervention/best_test_change"] = float(table["change"].max())
+    metrics.update({key: 100 * v for key, v in (("intervention/mde_pt", power.drop),
+                                                ("intervention/mde_gain_pt", power.gain)) if v < float("inf")})
     run_id = log_analysis_run(
-        cfg, source, kind="intervention",
-        metrics={"intervention/test_baseline_acc": counts["test"].baseline_accuracy,
-                 "intervention/val_baseline_acc": counts["val"].baseline_accuracy,
-                 "intervention/best_test_change": float(table["change"].max()),
-                 "intervention/significant_rows": int(table["significant"].sum())},
-        params={"intervention.worst_units": " ".join(map(str, worst)),
-                "intervention.best_units": " ".join(map(str, best)),
+        cfg, source, kind="intervention", metrics=metrics,
+        params={"intervention.worst_units": " ".join(map(str, worst.units)) or "none",
+                "intervention.best_units": " ".join(map(str, best.units)) or "none",
                 "intervention.selection_images": selection.num_images,
                 "intervention.report_images": report.num_images},
         files=files, started=started,
-        summary=f"Table 1: the worst and best {k} {layer} units, selected on {selection.num_images} validation "
-                f"images, damped or boosted; test accuracy on {report.num_images} test images (table1.md).",
+        summary=f"Table 1: the worst and best {k} {layer} units (only units whose removal moves validation accuracy "
+                f"that way), selected on {selection.num_images} validation images, damped or boosted; test accuracy "
+                f"on {report.num_images} test images (table1.md); intervention/mde_pt is the drop found with "
+                f"{power.power:.0%} power at BH level intervention/bh_level.",
     )
-    return InterventionResult(table, ablation, counts["test"], counts["val"], worst, best, out_dir, files,
+    return InterventionResult(table, ablation, counts["test"], counts["val"], worst, best, power, out_dir, files,
                               run_id, source, fans, cfg)
 
 
-def table1_caption(val_images: int, test_images: int, worst: Sequence[int], best: Sequence[int]) -> str:
-    k = len(worst)
-    return (f"Units selected on {val_images} validation images held out of training (worst-{k}: "
-            f"{' '.join(map(str, worst))}; best-{k}: {' '.join(map(str, best))}); accuracy reported on "
-            f"{test_images} test images. p: exact McNemar test of each row against the baseline on the same test "
-            f"images; (n.s.) = p >= 0.05. 95% CI: paired (Agresti-Min) interval of the change, in points.")
+def table1_caption(val_images: int, test_images: int, worst: UnitSelection, best: UnitSelection) -> str:
+    chosen = "; ".join(f"{sel.label}: {' '.join(map(str, sel.units)) or 'none'}" for sel in (worst, best))
+    return (f"Units selected on {val_images} validation images held out of training, only among units whose removal "
+            f"moves validation accuracy the named way ({chosen}); accuracy reported on {test_images} test images. "
+            f"p: exact McNemar test of each row against the baseline on the same test images; q: Benjamini-Hochberg "
+            f"over the rows; (n.s.) = q >= {ALPHA:g}. 95% CI: paired (Agresti-Min) interval of the change, in points.")
+
+
+def table1_notes(worst: UnitSelection, best: UnitSelection, table: pd.DataFrame, power: Power) -> list[str]:
+    """What the selection left out (one line each) and the verdict line with the table's power."""
+    lines = [note + ("" if sel.units else "; its rows are skipped")
+             for sel in (worst, best) if (note := sel.shortfall())]
+    significant = int(table["significant"].sum())
+    if len(table) == 0:
+        lines.append("no intervention was run: no unit's removal moves validation accuracy")
+    elif significant == 0:
+        lines.append(f"none of the {len(table)} interventions changes test accuracy significantly "
+                     f"(q < {ALPHA:g}); {detectable(power)}")
+    else:
+        lines.append(f"{significant} of {len(table)} interventions change test accuracy significantly (q < {ALPHA:g}); "
+                     f"for the rest, {detectable(power)}")
+    return lines
 
 
 def _factors_option(factors: str | None) -> list[str]:
@@ -270,10 +301,9 @@ def run_intervention(
 def intervention_summary(result: InterventionResult) -> list[str]:
     src = f", source run {result.source.run_id}" if result.source.run_id else ""
     return [
-        markdown_table(table1_display(result.table)),
+        markdown_table(table1_display(result.table, result.report, result.selection)),
         table1_caption(int(result.selection.total.sum()), int(result.report.total.sum()), result.worst, result.best),
-        f"{int(result.table['significant'].sum())} of {len(result.table)} interventions change test accuracy "
-        "significantly (p < 0.05)",
+        *table1_notes(result.worst, result.best, result.table, result.power),
         f"outputs: {result.out_dir}/ ({', '.join(f.name for f in result.files)})",
         f"MLflow run {result.run_id} (kind=intervention{src})",
     ]

@@ -161,8 +161,19 @@ def _sweep_space(cfg: StudyConfig, result: StudyResult) -> dict:
     return cfg.sweep.space
 
 
-def optuna_study(cfg: StudyConfig, result: StudyResult):
-    """An Optuna study rebuilt from the finished trials (works the same after a resume)."""
+def _epochs_of(cfg: StudyConfig, trial: dict) -> int:
+    """The epochs a trial was configured to run (its own stored config, else ``cfg``'s)."""
+    return StudyConfig.model_validate(trial["config"]).train.epochs if trial["config"] is not None else cfg.train.epochs
+
+
+def full_fidelity(cfg: StudyConfig, trial: dict) -> bool:
+    """Whether the trial reported its last epoch (ASHA did not stop it): its metric is comparable to the others'."""
+    return trial["metrics"].get("epoch") == _epochs_of(cfg, trial) - 1
+
+
+def optuna_study(cfg: StudyConfig, result: StudyResult, *, full_only: bool = False):
+    """An Optuna study rebuilt from the finished trials (works the same after a resume); ``full_only``: only
+    the trials run to their last epoch (ASHA reports stopped ones to Optuna as complete at a lower fidelity)."""
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -177,6 +188,8 @@ def optuna_study(cfg: StudyConfig, result: StudyResult):
     metric = cfg.sweep.metric
     study = optuna.create_study(direction="maximize" if cfg.sweep.mode == "max" else "minimize")
     for t in result.trials:
+        if full_only and not full_fidelity(cfg, t):
+            continue
         if t["error"] is None and metric in t["metrics"] and set(dists) <= set(t["search"]):
             params = {p: t["search"][p] for p in dists}
             study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=t["metrics"][metric]))
@@ -198,13 +211,23 @@ def log_summary(cfg: StudyConfig, result: StudyResult) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if study.trials:
             optimization_history_figure(study, cfg.sweep.metric, Path(tmp))
-        if len(study.trials) >= 2:
+        full = optuna_study(cfg, result, full_only=True)  # importances only between trials of one fidelity
+        epochs = cfg.train.epochs
+        if len(full.trials) < 2:
+            c.set_tag(result.parent_run_id, "param_importances",
+                      f"not computed: {len(full.trials)} of {len(study.trials)} trials ran all {epochs} epochs "
+                      "(ASHA stopped the others), and importances need at least 2 trials of the same fidelity")
+        else:
             try:
-                importances = optuna.importance.get_param_importances(study)
+                importances = optuna.importance.get_param_importances(full)
             except (RuntimeError, ValueError) as exc:  # e.g. every trial drew the same value
                 c.set_tag(result.parent_run_id, "param_importances", f"not computable: {exc}")
             else:
                 for path, value in importances.items():
                     c.log_metric(result.parent_run_id, f"importance/{path}", value)
-                importances_figure(importances, cfg.sweep.metric, Path(tmp))
+                c.set_tag(result.parent_run_id, "param_importances",
+                          f"from the {len(full.trials)} trials that ran all {epochs} epochs"
+                          + ("; fewer than 5: not reliable" if len(full.trials) < 5 else ""))
+                importances_figure(importances, cfg.sweep.metric, Path(tmp), trials=len(full.trials),
+                                   fidelity=f"all {epochs} epochs")
         c.log_artifacts(result.parent_run_id, tmp, artifact_path="figures")

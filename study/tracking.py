@@ -147,6 +147,12 @@ def is_metric(key: str, value: Any) -> bool:
     return ("/" in key or key == "lr") and isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _head(result: dict) -> str:
+    """`` (first 500)`` when this epoch's test accuracy is on a head of the test split, else nothing."""
+    n, whole = result.get("test/images"), result.get("test/split_images")
+    return f" (first {int(n)})" if n is not None and whole is not None and n < whole else ""
+
+
 class TrialLogger(Callback):
     """Tune callback: trial runs in MLflow nested under ``parent_run_id``, plus a progress line per epoch.
 
@@ -274,12 +280,17 @@ class TrialLogger(Callback):
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()
-                   if is_metric(k, v) and not k.endswith("/images")]
+                   if is_metric(k, v) and not k.endswith("images")]
         metrics.append(Metric("epochs_completed", step, now, step))
         self.client.log_batch(run_id, metrics=metrics)
         if not self.logged[trial.trial_id]:  # constant per trial: params, not charts
-            sizes = [Param(f"{k.split('/')[0]}_images", str(int(v))) for k, v in result.items()
-                     if k.endswith("/images") and is_metric(k, v)]
+            # the images behind the final accuracies (the last epoch evaluates the whole test split), and
+            # how many of them were evaluated after the other epochs when that was a head of it
+            split = {k: int(v) for k, v in result.items() if k.endswith("/images") and is_metric(k, v)}
+            whole = int(result.get("test/split_images", split.get("test/images", 0)))
+            if "test/images" in split and split["test/images"] != whole:
+                split["test/images_per_epoch"], split["test/images"] = split["test/images"], whole
+            sizes = [Param(k.replace("/", "_"), str(v)) for k, v in split.items()]
             try:
                 self.client.log_batch(run_id, params=sizes)
             except Exception:  # logged before a resume: MLflow refuses a param written twice
@@ -316,7 +327,7 @@ class TrialLogger(Callback):
             val = f"val/acc {result['val/acc']:.1%}  " if "val/acc" in result else ""
             print(
                 f"[{trial.trial_id}] epoch {step}/{epochs}  train/loss {result['train/loss']:.3f}  "
-                f"train/acc {result['train/acc']:.1%}  {val}test/acc {result['test/acc']:.1%}{pen}  "
+                f"train/acc {result['train/acc']:.1%}  {val}test/acc {result['test/acc']:.1%}{_head(result)}{pen}  "
                 f"{result['time/epoch_s']:.1f} s ({result['time/images_per_s']:.0f} img/s)",
                 flush=True,
             )

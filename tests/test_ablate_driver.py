@@ -22,6 +22,7 @@ import study.intervene as intervene_module
 from analysis.ablation import ablate_units, ablate_units_naive
 from analysis.evaluation import model_from_state_dict
 from analysis.intervention import run_table1
+from analysis.stats import bh_level, mcnemar_mde
 from study.ablate import ablate, run_ablation
 from study.cli import main
 from study.config import load_config
@@ -183,7 +184,9 @@ def test_outputs_have_tidy_columns_and_the_mlflow_run_links_to_the_training_run(
     assert {"p_value", "q_value", "significant", "ci_low", "ci_high"} <= set(ranked.columns)
     assert ranked["significant"].equals(ranked["q_value"] < 0.05)
     per_class = pd.read_csv(out / "units_ranked_per_class.csv")
-    assert set(per_class["verdict"]) == {"good", "bad"}
+    assert set(per_class["verdict"]) <= {"useful", "harmful", "neutral"} and (per_class["change"] != 0).all()
+    assert (per_class["verdict"] != "neutral").equals(per_class["q_value"] < 0.05), "verdicts only at q < 0.05"
+    assert (ranked["verdict"] != "neutral").equals(ranked["significant"])
     for png in ("unit_change.png", "heatmap.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -197,6 +200,9 @@ def test_outputs_have_tidy_columns_and_the_mlflow_run_links_to_the_training_run(
     baseline = first_run.counts.baseline_correct.sum().item() / 200
     assert run.data.metrics["ablation/baseline_acc"] == pytest.approx(baseline)
     assert run.data.metrics["ablation/significant_units"] == ranked["significant"].sum()
+    errors = 200 - first_run.counts.baseline_correct.sum().item()
+    drop, _ = mcnemar_mde(200, errors, bh_level(ranked["q_value"], 0.05))
+    assert run.data.metrics["ablation/mde_pt"] == pytest.approx(100 * float(drop)), "the power of the null, logged"
     pairs, differ = (run.data.metrics["ablation/precision_pairs_checked"],
                      run.data.metrics["ablation/precision_pairs_differ"])
     assert pairs == UNITS * 64 and 0 <= differ <= pairs, "64 sampled images, every unit, re-checked in float64"
@@ -210,7 +216,7 @@ def test_ablate_by_run_id_downloads_the_artifact_and_prints_a_summary(setup, cap
                  *itertools.chain.from_iterable(("--set", s) for s in setup["sets"]))
     out = capsys.readouterr().out
     assert code == 0
-    assert "3 units ablated" in out and "baseline accuracy" in out and "worst units" in out
+    assert "3 units ablated" in out and "baseline accuracy" in out and "with 80% power the test on these" in out
     run_id = out.split("MLflow run ")[1].split()[0]
     tags = setup["client"].get_run(run_id).data.tags
     assert tags["source_run_id"] == setup["trial"] and tags["mlflow.parentRunId"] == setup["trial"]

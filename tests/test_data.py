@@ -72,6 +72,15 @@ def _loader(n=103, world=1, rank=0, train=True, **kw):
                           augment=False, mean=(0, 0, 0), std=(1 / 255,) * 3, **kw)
 
 
+@pytest.mark.parametrize("world", [1, 3])
+def test_the_head_of_an_evaluation_loader_is_its_first_images_each_seen_once(world):
+    seen = [int(y) for rank in range(world) for _, ys in _loader(world=world, rank=rank, train=False).head(20)
+            for y in ys]
+    assert sorted(seen) == list(range(20))
+    with pytest.raises(DataError, match="not of a training one"):
+        _loader().head(5)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_train_shards_are_disjoint_equal_and_cover_all_but_the_remainder(world):
     n = 103

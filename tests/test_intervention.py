@@ -17,7 +17,7 @@ from analysis.intervention import (
     scaled_unit_weights,
     table1_interventions,
 )
-from analysis.rankings import worst_units
+from analysis.rankings import best_units, worst_units
 from tests.unit_nets import NUM_CLASSES, calibrated_vgg, images, labelled_batches
 from trainables.errors import ConfigError, LayerNameError
 
@@ -194,9 +194,11 @@ def test_table1_selects_units_on_one_split_and_reports_on_another(with_bn, data)
     report = labelled_batches(with_bn, x_report, sizes=(8,))
     table = run_table1(with_bn, "conv5_3", selection_batches=selection, report_batches=report, k=3,
                        factors=(2, 3), **F64)
-    worst = worst_units(ablate_units(with_bn, "conv5_3", selection, **F64), 3)
-    assert set(table.units) == {"worst-3", "best-3"}
-    assert set(table[table.units == "worst-3"].unit_ids) == {" ".join(map(str, worst))}
+    ablation = ablate_units(with_bn, "conv5_3", selection, **F64)
+    worst, best = worst_units(ablation, 3), best_units(ablation, 3)
+    assert best.units and not worst.units, "on these 12 images removing a unit only ever loses"
+    assert set(table.units) == {best.label}, "an empty selection has no rows"
+    assert set(table[table.units == best.label].unit_ids) == {" ".join(map(str, best.units))}
     assert set(table.intervention) == {"output", "weight"} and set(table.operation) == {"divide", "multiply"}
     assert set(table.baseline) == {evaluate_class_counts(with_bn, report, **F64).accuracy}
     assert set(table.selection_baseline) == {evaluate_class_counts(with_bn, selection, **F64).accuracy}

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from analysis.stats import bh_qvalues, mcnemar_exact, paired_proportion_interval, paired_t_interval
+from analysis.stats import (
+    bh_level,
+    bh_qvalues,
+    mcnemar_exact,
+    mcnemar_mde,
+    one_way_discordant_needed,
+    paired_proportion_interval,
+    paired_t_interval,
+)
 
 
 def test_mcnemar_exact_equals_scipy_binomtest_on_random_pairs_up_to_1e5():
@@ -97,3 +105,58 @@ def test_paired_t_interval_has_no_half_width_below_two_pairs():
     assert paired_t_interval([0.03, np.nan]) == (0.03, pytest.approx(math.nan, nan_ok=True), 1)
     mean, half, n = paired_t_interval([])
     assert math.isnan(mean) and math.isnan(half) and n == 0
+
+
+# --------------------------------------------------------------------------- power: the minimum detectable effect
+
+
+def _simulated_power(n, errors, pi, others, direction, sims=4000, seed=0):
+    """Share of simulated units that BH rejects (q < 0.05) beside the fixed p-values ``others``.
+
+    Image by image: ``n`` images, the first ``errors`` wrong at baseline; each right image
+    (direction "drop") or each wrong one ("gain") flips independently with probability ``pi``.
+    The p-value is McNemar's on the discordant images counted from the two hit vectors.
+    """
+    rng = np.random.default_rng(seed)
+    base = np.arange(n) >= errors  # (n,) hit without the intervention
+    flip = rng.random((sims, n)) < pi
+    pool = base if direction == "drop" else ~base
+    after = np.where(pool & flip, ~base, base)  # (sims, n) hit with it
+    lost, gained = (base & ~after).sum(1), (~base & after).sum(1)
+    p = mcnemar_exact(lost, gained)
+    q = np.array([bh_qvalues(np.append(others, pk))[-1] for pk in p])
+    return float((q < 0.05).mean())
+
+
+@pytest.mark.parametrize("n, errors, others", [
+    (2000, 30, np.ones(63)),  # 64 units, none rejected: level 0.05 / 64
+    (3000, 40, np.r_[1e-12, 1e-9, np.ones(17)]),  # 20 units, two rejected: level 0.05 * 3 / 20
+])
+def test_the_mde_is_detected_with_80_percent_power_in_a_simulation_with_bh(n, errors, others):
+    level = bh_level(bh_qvalues(np.append(others, 1.0)), 0.05)  # the unit under test, no effect observed
+    drop, gain = mcnemar_mde(n, errors, level)
+    for direction, mde, pool in (("drop", drop, n - errors), ("gain", gain, errors)):
+        pi = float(mde) * n / pool  # flip probability whose expected change is the MDE
+        power = _simulated_power(n, errors, pi, others, direction)
+        assert abs(power - 0.8) < 0.025, (direction, power)  # 4 Monte-Carlo standard errors
+        assert _simulated_power(n, errors, 0.85 * pi, others, direction, seed=1) < 0.75, "and not less"
+
+
+def test_a_gain_larger_than_the_baseline_errors_allow_is_undetectable():
+    L = one_way_discordant_needed(0.05 / 64)  # 2^(1-L) < 0.05 / 64 first at L = 12
+    assert L == 12 and 2.0 ** (1 - L) < 0.05 / 64 <= 2.0 ** (2 - L)
+    drop, gain = mcnemar_mde(500, 11, 0.05 / 64)
+    assert math.isinf(gain) and 0 < drop < 1
+    # even fixing all 11 errors leaves p = 2^-10 above the level: no rejection ever
+    assert _simulated_power(500, 11, 1.0, np.ones(63), "gain", sims=3) == 0.0
+    assert np.isnan(mcnemar_mde(0, 0, 0.05)[0])
+
+
+def test_bh_level_is_the_threshold_of_one_more_rejection():
+    p = np.array([1e-6, 0.003, 0.2, 0.5, 1.0])
+    q = bh_qvalues(p)
+    assert int((q < 0.05).sum()) == 2 and bh_level(q, 0.05) == pytest.approx(0.05 * 3 / 5)
+    # a p just below the level joins the rejections in place of p = 0.2; one just above does not here
+    assert bh_qvalues(np.array([1e-6, 0.003, 0.0299, 0.5, 1.0]))[2] < 0.05
+    assert bh_qvalues(np.array([1e-6, 0.003, 0.0301, 0.5, 1.0]))[2] >= 0.05
+    assert bh_level(np.ones(10), 0.05) == pytest.approx(0.005) and bh_level(np.zeros(4), 0.05) == 0.05

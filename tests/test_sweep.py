@@ -45,6 +45,7 @@ def test_four_trial_optuna_sweep_logs_four_children_under_one_parent(ray_cluster
     figures = {a.path for a in c.list_artifacts(result.parent_run_id, "figures")}
     assert figures == {"figures/optimization_history.png", "figures/param_importances.png"}
     assert any(k.startswith("importance/") for k in parent.data.metrics)
+    assert parent.data.tags["param_importances"] == "from the 4 trials that ran all 2 epochs; fewer than 5: not reliable"
 
 
 def test_asha_stops_a_weak_trial_and_the_next_trial_still_runs(ray_cluster, tmp_path):
@@ -157,3 +158,23 @@ def test_summary_uses_the_space_the_trials_were_drawn_from_not_the_edited_config
     ]
     study = optuna_study(edited, StudyResult(parent_run_id="p", experiment_path="x", trials=trials))
     assert sorted(t.params["regularization.dropout.rate"] for t in study.trials) == [0.1, 0.45]
+
+
+def test_importances_compare_only_trials_run_to_the_last_epoch(tmp_path):
+    """ASHA hands stopped trials to Optuna as complete with their epoch-10 value: comparing those with
+    30-epoch values would make the learning curve look like a parameter's effect."""
+    from study.sweep import full_fidelity, optuna_study
+    from study.train import StudyResult
+
+    cfg = sweep_config(tmp_path, "train.epochs=30")
+    trials = [
+        {"config": cfg.dump(), "error": None, "metrics": {"val/acc": acc, "epoch": last},
+         "search": {"regularization.focused_dropout.par_rate": rate, "regularization.dropout.rate": 0.05,
+                    "regularization.gradient_penalty.lambda": 0.0}}
+        for rate, acc, last in ((0.05, 0.99, 29), (0.10, 0.30, 9), (0.12, 0.25, 9), (0.01, 0.97, 29))
+    ]
+    result = StudyResult(parent_run_id="p", experiment_path="x", trials=trials)
+    assert [full_fidelity(cfg, t) for t in trials] == [True, False, False, True]
+    assert len(optuna_study(cfg, result).trials) == 4
+    full = optuna_study(cfg, result, full_only=True)
+    assert sorted(t.values[0] for t in full.trials) == [0.97, 0.99]

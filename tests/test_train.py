@@ -32,6 +32,7 @@ def small_config(tmp_path, *extra):
             "train.cpus_per_worker=1",
             "train.batch_size=64",
             "train.lr=0.05",
+            "train.test_images_per_epoch=100",  # the first 100 test images after epochs 1-3, all 400 after the last
             "regularization.focused_dropout.par_rate=0.25",
             "regularization.dropout.rate=0.2",
             "regularization.gradient_penalty.lambda=0.01",
@@ -92,6 +93,7 @@ def test_run_is_logged_as_parent_and_child_with_per_epoch_metrics_and_checkpoint
     assert metrics["epochs_completed"] == EPOCHS
     assert not any(k.endswith("/images") for k in metrics), "constant sizes are params, not charts"
     assert int(params["test_images"]) == int(trial["metrics"]["test/images"]) and int(params["val_images"]) > 0
+    assert params["test_images"] == "400" and params["test_images_per_epoch"] == "100", "the last epoch: all of them"
     val = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "val/acc")}
     test = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "test/acc")}
     best_epoch = min(e for e in val if val[e] == max(val.values()))

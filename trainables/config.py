@@ -98,6 +98,9 @@ class TrainConfig(Section):
     compile: Literal["auto", "on", "off"] = "auto"
     sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
     seed: int = 0
+    # Test images evaluated after every epoch but the last: the first N of the test split (None: all of it).
+    # The last epoch always evaluates the whole test split, so a large test set for the analyses costs one pass.
+    test_images_per_epoch: int | None = Field(None, ge=1)
     max_failures: int = Field(2, ge=0, le=100)  # worker failures Ray Train recovers from
     fail_at_epoch: int | None = Field(None, ge=0)  # fault injection (tests): last worker dies once here
 

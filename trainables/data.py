@@ -24,6 +24,7 @@ train-standard and the official val split plays ``test``.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -173,6 +174,14 @@ class DeviceLoader:
     def num_images(self) -> int:
         return self.images.shape[0]
 
+    def head(self, n: int) -> DeviceLoader:
+        """This evaluation loader over the first ``n`` images only (each rank its block of them)."""
+        if self.train:
+            raise DataError("head() takes the first images of an evaluation loader, not of a training one")
+        out = copy.copy(self)
+        out.images, out.labels, out.dataset_indices = self.images[:n], self.labels[:n], self.dataset_indices[:n]
+        return out
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
@@ -260,6 +269,16 @@ class SamplerLoader:
             persistent_workers=num_workers > 0,
         )
         self.num_images = len(dataset)
+        self._args = dict(batch_size=batch_size, device=device, train=train, rank=rank, world_size=world_size,
+                          seed=seed, num_workers=num_workers)
+
+    def head(self, n: int) -> SamplerLoader:
+        """This evaluation loader over the first ``n`` images of its dataset only."""
+        from torch.utils.data import Subset
+
+        if self._args["train"]:
+            raise DataError("head() takes the first images of an evaluation loader, not of a training one")
+        return SamplerLoader(Subset(self.loader.dataset, range(min(n, self.num_images))), **self._args)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)

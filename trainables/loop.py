@@ -4,14 +4,16 @@
 once from the driver's validated ``StudyConfig.dump()`` in ``config["config"]``
 and does, per epoch: one pass over this rank's shard with
 the configured regularizers, one evaluation of the whole validation and test
-sets (each rank a disjoint block; counts all-reduced), then ``ray.train.report(metrics,
+sets (each rank a disjoint block; counts all-reduced; with ``train.test_images_per_epoch``
+only the first N test images, except at the last epoch), then ``ray.train.report(metrics,
 checkpoint)`` on every rank (rank 0 attaches the checkpoint).
 
 Resuming: ``ray.train.get_checkpoint()`` restores model, optimizer, scheduler,
 epoch and the metric history. The checkpoint is the record: each one carries
 the metrics of every epoch up to it (``history``, also as ``history.json``
 beside ``checkpoint.pt``, small enough for the driver to read), so the driver
-can log an epoch whose result a kill kept from it (:class:`study.tracking.TrialLogger`). Every random stream is reseeded at the start of each epoch:
+can log an epoch whose result a kill kept from it (:class:`study.tracking.TrialLogger`).
+Every random stream is reseeded at the start of each epoch:
 torch's global generator (dropout) from ``(train.seed, epoch, rank)``, the
 FocusedDropout generator from ``(train.seed, epoch)`` alone so that all ranks
 agree on which global mini-batches participate (the loader's permutation and
@@ -219,6 +221,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     train_loader, val_loader, test_loader = build_loaders(
         cfg.data, batch_size=per_rank_batch, device=device, rank=rank, world_size=world_size, seed=tcfg.seed
     )
+    n_test = tcfg.test_images_per_epoch
+    test_each_epoch = test_loader if n_test is None or n_test >= test_loader.num_images else test_loader.head(n_test)
     optimizer = torch.optim.SGD(model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tcfg.t_max)
 
@@ -251,7 +255,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         train_s = time.perf_counter() - t0
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        evals = {"val": val_loader, "test": test_loader} if val_loader is not None else {"test": test_loader}
+        last = epoch == tcfg.epochs - 1  # the whole test split; before, train.test_images_per_epoch of it
+        evals = {"test": test_loader if last else test_each_epoch}
+        if val_loader is not None:
+            evals = {"val": val_loader, **evals}
         eval_sums = {split: _all_reduce(evaluate(model, loader, autocast_dtype, device))
                      for split, loader in evals.items()}
         epoch_s = time.perf_counter() - t0
@@ -269,6 +276,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             e_loss, e_correct, e_n = sums.tolist()
             metrics.update({f"{split}/loss": e_loss / max(e_n, 1), f"{split}/acc": e_correct / max(e_n, 1),
                             f"{split}/images": e_n})
+        metrics["test/split_images"] = test_loader.num_images  # the last epoch's test/images; before: a head of it
         history.append(metrics)
         stop_point(config.get("test_stop"), "report", epoch + 1)
         with tempfile.TemporaryDirectory() as tmp:
