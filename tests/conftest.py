@@ -88,12 +88,30 @@ def ray_cluster():
 
     Ray Train's health-check interval is shortened so fault-injection tests spend
     less time waiting for the controller to notice a dead worker.
+
+    Its processes are told their own address (``study.runtime.isolate_local_cluster``)
+    while it starts, so that Ray Train's placement-group cleaner, which resolves
+    ``address="auto"``, finds this cluster even while another runs on the machine
+    (a test's own cluster, or anyone else's): it failed with "Found multiple active
+    Ray instances", the placement groups of killed drivers and of trials ASHA
+    stopped leaked, and a later trial waited forever for their CPUs. This
+    process's later children do not inherit that address.
     """
     import ray
 
+    from study.runtime import isolate_local_cluster
+
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    ray.init(num_cpus=4, log_to_driver=False, logging_level="WARNING")
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    try:
+        ray.init(address=isolate_local_cluster(), num_cpus=4, log_to_driver=False, logging_level="WARNING")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     yield ray
     ray.shutdown()
 
