@@ -252,3 +252,23 @@ def mlflow_server(s3_store, tmp_path_factory):
     uri, proc = start_mlflow_server(root, f"s3://{s3_store.bucket}/mlflow", env=s3_store.env)
     yield uri, "mlflow/"
     stop_process_group(proc)
+
+
+def kill_when_stopped(args: list[str], *, cwd: Path, env: dict, marker: Path, what: str, timeout_s: float = 240) -> None:
+    """Run ``args`` until it writes ``marker`` (a ``trainables.loop.STOP_ENV`` point: it waits there), then
+    SIGKILL it; ``what`` names the point in a failure."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + timeout_s
+        while not marker.exists():
+            assert proc.poll() is None, f"the command ended before {what}: {proc.stderr.read()[-2000:]}"
+            assert time.time() < deadline, f"the command never reached {what}"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

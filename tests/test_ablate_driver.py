@@ -34,7 +34,7 @@ from trainables.data import MEAN_STD, DeviceLoader, load_arrays, train_val_split
 from trainables.loop import STOP_ENV
 from trainables.models import vgg16
 
-from .conftest import ROOT
+from .conftest import ROOT, kill_when_stopped
 
 NUM_CLASSES = 20
 UNITS = 32  # conv5_3 at width 1/16
@@ -479,19 +479,8 @@ def test_an_ablation_killed_while_logging_its_run_leaves_one_whole_run_after_the
     args = [sys.executable, "-m", "study.cli", "ablate", "--checkpoint", str(setup["path"]), "--out", str(out)]
     for item in [*setup["sets"], f"ray.address={ray.get_runtime_context().gcs_address}"]:
         args += ["--set", item]
-    proc = subprocess.Popen(args, cwd=setup["tmp"], env=dict(os.environ, **{STOP_ENV: f"analysis:0:{stops}"}),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 180
-        while not (stops / "stopped-analysis-0").exists():
-            assert proc.poll() is None, f"study ablate ended before logging: {proc.stderr.read()[-2000:]}"
-            assert time.time() < deadline, "study ablate never reached its MLflow run"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when_stopped(args, cwd=setup["tmp"], env=dict(os.environ, **{STOP_ENV: f"analysis:0:{stops}"}),
+                      marker=stops / "stopped-analysis-0", what="its MLflow run", timeout_s=180)
     c = setup["client"]
     exp = c.get_experiment_by_name("test").experiment_id
     (killed,) = c.search_runs([exp], filter_string="tags.kind = 'ablation' and attributes.status = 'RUNNING'")

@@ -19,10 +19,7 @@ point; the test kills the driver there.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -31,7 +28,7 @@ from study.config import load_config
 from study.sweep import sweep
 from trainables.loop import STOP_ENV
 
-from .conftest import ROOT
+from .conftest import ROOT, kill_when_stopped
 
 pytestmark = pytest.mark.slow
 
@@ -80,18 +77,7 @@ def run_until_stopped(ray_cluster, tmp, name: str, stop: str, resume: bool) -> N
     for item in [*overrides(tmp), f"ray.address={ray_cluster.get_runtime_context().gcs_address}"]:
         args += ["--set", item]
     env = dict(os.environ, TUNE_GLOBAL_CHECKPOINT_S="0.5", **{STOP_ENV: f"{stop}:{tmp / 'stops'}"})
-    proc = subprocess.Popen(args, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        while not marker.exists():
-            assert proc.poll() is None, f"the sweep ended before {stop}: {proc.stderr.read()[-2000:]}"
-            assert time.time() < deadline, f"the sweep never reached {stop}"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when_stopped(args, cwd=tmp, env=env, marker=marker, what=stop)
 
 
 def test_a_sweep_killed_at_each_point_of_an_epochs_life_resumes_to_the_uninterrupted_history(
