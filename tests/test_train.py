@@ -84,7 +84,7 @@ def test_run_is_logged_as_parent_and_child_with_per_epoch_metrics_and_checkpoint
         history = client.get_metric_history(child.info.run_id, key)
         assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), f"{key}: step = epoch, from 1"
     artifacts = [a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")]
-    assert artifacts == ["checkpoint/checkpoint.pt"]
+    assert sorted(artifacts) == ["checkpoint/checkpoint.pt", "checkpoint/history.json"]  # the weights, every epoch
     # what a researcher filters and reads in the MLflow UI
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     assert child.data.tags["kind"] == "trial" and parent.data.tags["kind"] == "study"
