@@ -147,12 +147,14 @@ class ConceptCounts:
             raise ConfigError("cannot merge concept counts of maps with different cells or mask sizes")
         cat = None if self.category_area is None else self.category_area + other.category_area
         shift = torch.tensor([self.images, 0, 0, 0])  # the other's images come after this one's
+        null = self.ring_area is not None and other.ring_area is not None
         return ConceptCounts(self.layer, self.thresholds, self.intersection + other.intersection,
                              self.unit_area + other.unit_area, self.concept_area + other.concept_area,
                              self.positions + other.positions, cat, self.concept_category,
-                             self.images + other.images, torch.cat([self.image_unit, other.image_unit + shift]),
-                             torch.cat([self.image_concept, other.image_concept + shift]),
-                             self.ring_area + other.ring_area, self.cells or other.cells,
+                             self.images + other.images,
+                             torch.cat([self.image_unit, other.image_unit + shift]) if null else None,
+                             torch.cat([self.image_concept, other.image_concept + shift]) if null else None,
+                             self.ring_area + other.ring_area if null else None, self.cells or other.cells,
                              self.ring_pixels or other.ring_pixels)
 
     @property
@@ -207,8 +209,12 @@ def iou_pass(
     device: str | torch.device,
     acts: Sequence[torch.Tensor] | None = None,
     concept_category: torch.Tensor | None = None,
+    null: bool = True,
 ) -> ConceptCounts:
     """Pass 2 over ``batches`` (a data shard): intersection, unit and concept areas per unit x concept.
+
+    ``null``: also count the per-image cell sums of the labels' null and the border statistic
+    (:mod:`analysis.nulls`; ``False`` only to measure what they cost, ``benchmarks/dissection.py``).
 
     ``acts`` (from ``threshold_pass(..., keep_acts=True)`` on the same batches)
     skips the model. Concept ids above ``num_concepts`` are an error.
@@ -246,7 +252,8 @@ def iou_pass(
             ring_pixels = int(ring[cell].sum())
             ids = _once_per_pixel(labels.reshape(b, L, p))  # (b, L, P)
             concept_area += torch.bincount(ids.reshape(-1), minlength=K + 1)
-            image_concept.append(_cell_sums(ids, cell, cells, K, images))
+            if null:
+                image_concept.append(_cell_sums(ids, cell, cells, K, images))
             # only pairs whose values can exceed t_u have any active position
             image, unit = (peak_bound(a.flatten(2).amax(2)) > t[None]).nonzero(as_tuple=True)
             # a chunk's active positions hold 2 + L int64 indices each in the worst case: bound that, too
@@ -255,10 +262,12 @@ def iou_pass(
                 on = pair_values(a, i, u, size) > t[u, None]  # (n, P) [a_u > t_u]
                 area = on.sum(1)
                 unit_area.index_add_(0, u, area)
-                per_cell = torch.zeros(hi - lo, cells, dtype=torch.long, device=device).index_add_(1, cell, on.long())
-                ring_area.index_add_(0, u, per_cell[:, ring].sum(1))
-                live = area > 0
-                image_unit.append(torch.stack([i + images, u, area, per_cell.square().sum(1)], 1)[live].cpu())
+                if null:
+                    per_cell = torch.zeros(hi - lo, cells, dtype=torch.long, device=device).index_add_(1, cell,
+                                                                                                       on.long())
+                    ring_area.index_add_(0, u, per_cell[:, ring].sum(1))
+                    live = area > 0
+                    image_unit.append(torch.stack([i + images, u, area, per_cell.square().sum(1)], 1)[live].cpu())
                 row, pixel = on.nonzero(as_tuple=True)
                 hit = ids[i[row], :, pixel]  # (m, L) the concepts at each active position
                 inter.index_add_(0, (u[row, None] * (K + 1) + hit).view(-1),
@@ -273,8 +282,9 @@ def iou_pass(
     return ConceptCounts(layer, thresholds.cpu().float(), inter[:, 1:].cpu(), unit_area.cpu(),
                          concept_area[1:].cpu(), positions, category_area.cpu() if per_category else None,
                          concept_category.long().cpu() if per_category else None, images,
-                         torch.cat([empty, *image_unit]), torch.cat([empty, *image_concept]), ring_area.cpu(), cells,
-                         ring_pixels)
+                         torch.cat([empty, *image_unit]) if null else None,
+                         torch.cat([empty, *image_concept]) if null else None, ring_area.cpu() if null else None,
+                         cells, ring_pixels)
 
 
 def _cell_sums(ids: torch.Tensor, cell: torch.Tensor, cells: int, K: int, first: int) -> torch.Tensor:
@@ -356,10 +366,12 @@ def dissect_layer(
     quantile: float = 0.01,
     iou_threshold: float = 0.04,
     method: str = "top_k",
+    null: bool = True,
 ) -> Dissection:
     """Both passes in one process (the network runs once per image); ``batches`` is re-iterable.
 
-    ``method``: ``top_k`` or ``histogram`` thresholds (:mod:`analysis.thresholds`; the same values)."""
+    ``method``: ``top_k`` or ``histogram`` thresholds (:mod:`analysis.thresholds`; the same values);
+    ``null``: :func:`iou_pass`'s (without it, no label has a null and none is a detector)."""
     if method == "top_k":
         total = sum(lbl.shape[0] * lbl.shape[-2] * lbl.shape[-1] for _, lbl in batches)
         top, acts = threshold_pass(model, layer, batches, quantile=quantile, total_positions=total, device=device,
@@ -372,5 +384,5 @@ def dissect_layer(
         t = histogram_thresholds(top, fine, quantile)
     else:
         raise ConfigError(f"threshold method {method!r}; use 'top_k' or 'histogram'")
-    counts = iou_pass(None, layer, batches, t, num_concepts=len(concepts), device=device, acts=acts)
+    counts = iou_pass(None, layer, batches, t, num_concepts=len(concepts), device=device, acts=acts, null=null)
     return Dissection(top, counts, label_units(counts, concepts, iou_threshold))

@@ -633,3 +633,20 @@ def test_broden_batches_run_through_dissection(tmp_path):
                                           "q_value", "detector", "concept_share", "ceiling", "iou_to_ceiling",
                                           "border_share", "border_expected", "positional"]
     assert result.counts.concept_area.tolist() == [4 + 8 + 12, 3, 2 * 16, 16]
+
+
+def test_dissecting_at_another_size_than_the_training_one_is_refused_unless_asked_and_then_tagged():
+    from study.config import load_config
+    from study.dissect import check_image_size
+    from tests.conftest import ROOT
+    from trainables.errors import ConfigError
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    assert check_image_size(cfg, 32) is None
+    with pytest.raises(ConfigError) as refused:
+        check_image_size(cfg, 112)
+    line = str(refused.value)
+    assert "112 px" in line and "trained on 32 px" in line and "dissection.allow_other_size=true" in line
+    assert "\n" not in line
+    allowed = load_config(ROOT / "configs" / "quickstart.yaml", ["dissection.allow_other_size=true"])
+    assert check_image_size(allowed, 112) == "112 px images on a model trained at 32 px"
