@@ -76,13 +76,13 @@ def join_ablation(cfg: StudyConfig, source: Source, units: pd.DataFrame, ablatio
     table.to_csv(files[0], index=False)
     groups.to_csv(files[1], index=False)
     detectors = table[table["detector"]]
-    metrics = {"join/detectors_significant_on_their_classes": float((detectors["in_q"] < 0.05).sum()),
-               "join/detectors_significant_elsewhere": float((detectors["out_q"] < 0.05).sum())}
+    metrics = {"dissection/join_detectors_significant_on_their_classes": float((detectors["in_q"] < 0.05).sum()),
+               "dissection/join_detectors_significant_elsewhere": float((detectors["out_q"] < 0.05).sum())}
     det_groups = groups[groups["group"] == "detectors"]
     for r in det_groups.itertuples():
         for side in ("in", "out"):
             value = getattr(r, f"{side}_change_pt")
             if not math.isnan(value):
-                metrics[f"join/remove_{r.concept}_detectors_{side}_classes_pt"] = float(value)
+                metrics[f"dissection/join_remove_{r.concept}_detectors_{side}_classes_pt"] = float(value)
     return Join(table, groups, files, metrics, headline(groups, units))
 
