@@ -1,4 +1,4 @@
-"""A null for every dissection label, and the border statistic (README "Network dissection").
+"""A null for every dissection label, and the border statistic (docs/dissection.md).
 
 A label says that unit u's active region ``a_u > t_u`` overlaps concept c's
 masks more than chance. The null asks what IoU the unit would reach if its

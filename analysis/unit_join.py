@@ -1,4 +1,4 @@
-"""The join of a unit's dissection label with what removing it does (README "Network dissection").
+"""The join of a unit's dissection label with what removing it does (docs/dissection.md).
 
 A label is a claim about where a unit fires; an ablation is a claim about what
 the network needs it for. Neither implies the other (a "cross" unit may carry
