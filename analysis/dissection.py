@@ -35,7 +35,11 @@ alike): the others have no active position. It counts from the active positions
 themselves (integer adds), so the cost follows q, not the number of concepts.
 
 Concept labels (:func:`label_units`): each unit's best concept by IoU and its
-category; a detector when IoU >= ``iou_threshold`` (paper 0.04).
+category, with a null (:mod:`analysis.nulls`: the IoU without spatial
+information within an image, a p-value, BH q over the units) and the border
+statistic; a detector when IoU >= ``iou_threshold`` (paper 0.04) and q < 0.05.
+Pass 2 also counts, per (image, unit) and per (image, concept), the integer
+cell sums that null needs.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from torch import nn
 from analysis.activations import batch_acts, image_chunks, layer_acts, on_device, pair_values, peak_bound
 from analysis.concepts import ConceptSet
 from analysis.hooks import eval_mode
+from analysis.nulls import cell_index, label_nulls, ring_cells
 from analysis.thresholds import (
     ThresholdHistogram,
     TopActivations,
@@ -98,6 +103,13 @@ class ConceptCounts:
             the unit's active positions on the images where some concept of category g
             lies inside them (:func:`iou_pass` with ``concept_category``).
         concept_category: (K,) int64 or None: each concept's category index in 0..G-1.
+        images: images counted (all with one mask size).
+        image_unit: (R, 4) int64 rows (image, unit, K1, K2) for every pair with an active pixel: its
+            active pixels and the sum of its map cells' squared active counts (:mod:`analysis.nulls`);
+            images numbered from 0 in the order counted (shards concatenate).
+        image_concept: (S, 4) int64 rows (image, concept id 1..K, M1, M2): the same of each concept present.
+        ring_area: (U,) int64 active pixels on the map's outer ring of cells.
+        cells: map cells n the masks are divided into; ring_pixels: mask pixels of one image on the ring.
     """
 
     layer: str
@@ -108,6 +120,21 @@ class ConceptCounts:
     positions: int
     category_area: torch.Tensor | None = None
     concept_category: torch.Tensor | None = None
+    images: int = 0
+    image_unit: torch.Tensor | None = None
+    image_concept: torch.Tensor | None = None
+    ring_area: torch.Tensor | None = None
+    cells: int = 0
+    ring_pixels: int = 0
+
+    @property
+    def pixels_per_image(self) -> int:
+        return self.positions // self.images if self.images else 0
+
+    @property
+    def ring_share(self) -> float:
+        """The outer ring's share of an image's mask pixels (where a unit placed anywhere has this share)."""
+        return self.ring_pixels / self.pixels_per_image if self.pixels_per_image else float("nan")
 
     def __add__(self, other: ConceptCounts) -> ConceptCounts:
         if self.layer != other.layer or self.intersection.shape != other.intersection.shape:
@@ -116,10 +143,19 @@ class ConceptCounts:
             raise ConfigError("cannot merge concept counts computed with different thresholds")
         if (self.category_area is None) != (other.category_area is None):
             raise ConfigError("cannot merge concept counts with and without per-category unit areas")
+        if (self.cells, self.ring_pixels) != (other.cells, other.ring_pixels) and self.images and other.images:
+            raise ConfigError("cannot merge concept counts of maps with different cells or mask sizes")
         cat = None if self.category_area is None else self.category_area + other.category_area
+        shift = torch.tensor([self.images, 0, 0, 0])  # the other's images come after this one's
+        null = self.ring_area is not None and other.ring_area is not None
         return ConceptCounts(self.layer, self.thresholds, self.intersection + other.intersection,
                              self.unit_area + other.unit_area, self.concept_area + other.concept_area,
-                             self.positions + other.positions, cat, self.concept_category)
+                             self.positions + other.positions, cat, self.concept_category,
+                             self.images + other.images,
+                             torch.cat([self.image_unit, other.image_unit + shift]) if null else None,
+                             torch.cat([self.image_concept, other.image_concept + shift]) if null else None,
+                             self.ring_area + other.ring_area if null else None, self.cells or other.cells,
+                             self.ring_pixels or other.ring_pixels)
 
     @property
     def denominator_area(self) -> torch.Tensor:
@@ -152,12 +188,15 @@ class ConceptCounts:
     def state_dict(self) -> dict:
         return {"layer": self.layer, "thresholds": self.thresholds, "intersection": self.intersection,
                 "unit_area": self.unit_area, "concept_area": self.concept_area, "positions": self.positions,
-                "category_area": self.category_area, "concept_category": self.concept_category}
+                "category_area": self.category_area, "concept_category": self.concept_category,
+                "images": self.images, "image_unit": self.image_unit, "image_concept": self.image_concept,
+                "ring_area": self.ring_area, "cells": self.cells, "ring_pixels": self.ring_pixels}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> ConceptCounts:
         return cls(d["layer"], d["thresholds"], d["intersection"], d["unit_area"], d["concept_area"],
-                   int(d["positions"]), d.get("category_area"), d.get("concept_category"))
+                   int(d["positions"]), d.get("category_area"), d.get("concept_category"), int(d["images"]),
+                   d["image_unit"], d["image_concept"], d["ring_area"], int(d["cells"]), int(d["ring_pixels"]))
 
 
 def iou_pass(
@@ -170,8 +209,12 @@ def iou_pass(
     device: str | torch.device,
     acts: Sequence[torch.Tensor] | None = None,
     concept_category: torch.Tensor | None = None,
+    null: bool = True,
 ) -> ConceptCounts:
     """Pass 2 over ``batches`` (a data shard): intersection, unit and concept areas per unit x concept.
+
+    ``null``: also count the per-image cell sums of the labels' null and the border statistic
+    (:mod:`analysis.nulls`; ``False`` only to measure what they cost, ``benchmarks/dissection.py``).
 
     ``acts`` (from ``threshold_pass(..., keep_acts=True)`` on the same batches)
     skips the model. Concept ids above ``num_concepts`` are an error.
@@ -192,7 +235,9 @@ def iou_pass(
     inter = torch.zeros(U * (K + 1), dtype=torch.long, device=device)  # (U, K + 1) flat; column 0: no concept
     unit_area = torch.zeros(U, dtype=torch.long, device=device)
     concept_area = torch.zeros(K + 1, dtype=torch.long, device=device)
-    positions = 0
+    ring_area = torch.zeros(U, dtype=torch.long, device=device)
+    positions = images = cells = ring_pixels = 0
+    image_unit, image_concept = [], []
     ctx = eval_mode(work) if work is not None else contextlib.nullcontext()
     with ctx, torch.no_grad():
         for a, labels in batch_acts(work, layer, batches, acts, device):
@@ -202,9 +247,13 @@ def iou_pass(
                 raise DataError(f"label maps hold concept ids outside 0..{K}")
             size = tuple(labels.shape[-2:])
             b, L, p = labels.shape[0], labels.shape[1], size[0] * size[1]
-            positions += b * p
+            cell, cells = cell_index(size, tuple(a.shape[-2:]))
+            cell, ring = cell.to(device), ring_cells(size, tuple(a.shape[-2:])).to(device)
+            ring_pixels = int(ring[cell].sum())
             ids = _once_per_pixel(labels.reshape(b, L, p))  # (b, L, P)
             concept_area += torch.bincount(ids.reshape(-1), minlength=K + 1)
+            if null:
+                image_concept.append(_cell_sums(ids, cell, cells, K, images))
             # only pairs whose values can exceed t_u have any active position
             image, unit = (peak_bound(a.flatten(2).amax(2)) > t[None]).nonzero(as_tuple=True)
             # a chunk's active positions hold 2 + L int64 indices each in the worst case: bound that, too
@@ -213,6 +262,12 @@ def iou_pass(
                 on = pair_values(a, i, u, size) > t[u, None]  # (n, P) [a_u > t_u]
                 area = on.sum(1)
                 unit_area.index_add_(0, u, area)
+                if null:
+                    per_cell = torch.zeros(hi - lo, cells, dtype=torch.long, device=device).index_add_(1, cell,
+                                                                                                       on.long())
+                    ring_area.index_add_(0, u, per_cell[:, ring].sum(1))
+                    live = area > 0
+                    image_unit.append(torch.stack([i + images, u, area, per_cell.square().sum(1)], 1)[live].cpu())
                 row, pixel = on.nonzero(as_tuple=True)
                 hit = ids[i[row], :, pixel]  # (m, L) the concepts at each active position
                 inter.index_add_(0, (u[row, None] * (K + 1) + hit).view(-1),
@@ -221,10 +276,27 @@ def iou_pass(
                     overlaps = torch.zeros(hi - lo, G + 1, dtype=torch.long, device=device)
                     overlaps[row[:, None].expand(-1, L), cat_of[hit]] = 1
                     category_area.index_add_(0, u, area[:, None] * overlaps[:, :G])
+            positions, images = positions + b * p, images + b
     inter = inter.view(U, K + 1)
+    empty = torch.zeros(0, 4, dtype=torch.long)
     return ConceptCounts(layer, thresholds.cpu().float(), inter[:, 1:].cpu(), unit_area.cpu(),
                          concept_area[1:].cpu(), positions, category_area.cpu() if per_category else None,
-                         concept_category.long().cpu() if per_category else None)
+                         concept_category.long().cpu() if per_category else None, images,
+                         torch.cat([empty, *image_unit]) if null else None,
+                         torch.cat([empty, *image_concept]) if null else None, ring_area.cpu() if null else None,
+                         cells, ring_pixels)
+
+
+def _cell_sums(ids: torch.Tensor, cell: torch.Tensor, cells: int, K: int, first: int) -> torch.Tensor:
+    """(S, 4) rows (image, concept id, M1, M2) of the concepts present in each image of the batch ``ids``
+    ((b, L, P) concept ids once per pixel): their pixels and the sum of their cells' squared pixel counts."""
+    b, L, p = ids.shape
+    key = (torch.arange(b, device=ids.device)[:, None, None] * (K + 1) + ids) * cells + cell
+    per_cell = torch.bincount(key.reshape(-1), minlength=b * (K + 1) * cells).view(b, K + 1, cells)
+    m1, m2 = per_cell.sum(2), per_cell.square().sum(2)
+    image, concept = (m1[:, 1:] > 0).nonzero(as_tuple=True)
+    concept = concept + 1
+    return torch.stack([image + first, concept, m1[image, concept], m2[image, concept]], 1).cpu()
 
 
 def _once_per_pixel(labels: torch.Tensor) -> torch.Tensor:
@@ -239,13 +311,17 @@ def _once_per_pixel(labels: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- labels
 
 
-def label_units(counts: ConceptCounts, concepts: ConceptSet, iou_threshold: float = 0.04) -> pd.DataFrame:
-    """One row per unit: unit, label (best concept), category, iou, threshold, detector (iou >= cutoff),
-    concept_share (the label's share of all positions), ceiling (the label's :attr:`ConceptCounts.iou_ceiling`)
-    and iou_to_ceiling (iou / ceiling: near 1 means the areas, not the unit, bound the IoU).
+def label_units(counts: ConceptCounts, concepts: ConceptSet, iou_threshold: float = 0.04,
+                alpha: float = 0.05) -> pd.DataFrame:
+    """One row per unit: unit, label (best concept), category, iou, threshold, the label's null
+    (:func:`analysis.nulls.label_nulls`: iou_null, p_value, q_value), detector, concept_share (the label's
+    share of all positions), ceiling (the label's :attr:`ConceptCounts.iou_ceiling`), iou_to_ceiling (iou /
+    ceiling: near 1 means the areas, not the unit, bound the IoU), and the border statistic (border_share,
+    border_expected, positional).
 
-    Ties between concepts go to the lower id. A unit that never fires gets IoU 0
-    and the first concept; it is never a detector unless the cutoff is 0.
+    A detector has IoU >= ``iou_threshold`` AND beats its null: q_value < ``alpha`` (Benjamini-Hochberg over
+    the units). Ties between concepts go to the lower id. A unit that never fires gets IoU 0, p = 1 and the
+    first concept; it is never a detector.
     """
     if counts.intersection.shape[1] != len(concepts):
         raise ConfigError(f"counts for {counts.intersection.shape[1]} concepts but {len(concepts)} concept names")
@@ -253,17 +329,22 @@ def label_units(counts: ConceptCounts, concepts: ConceptSet, iou_threshold: floa
     best_iou, best = iou.max(1)
     ceiling = counts.iou_ceiling.gather(1, best[:, None])[:, 0]
     share = counts.concept_area.double()[best] / max(counts.positions, 1)
-    return pd.DataFrame({
+    null = label_nulls(counts, best)
+    table = pd.DataFrame({
         "unit": range(iou.shape[0]),
         "label": [concepts.names[i] for i in best.tolist()],
         "category": [concepts.categories[i] for i in best.tolist()],
         "iou": best_iou.numpy(),
         "threshold": counts.thresholds.double().numpy(),
-        "detector": (best_iou >= iou_threshold).numpy(),
+        "iou_null": null["iou_null"],
+        "p_value": null["p_value"],
+        "q_value": null["q_value"],
+        "detector": (best_iou.numpy() >= iou_threshold) & (null["q_value"].to_numpy() < alpha),
         "concept_share": share.numpy(),
         "ceiling": ceiling.numpy(),
         "iou_to_ceiling": torch.where(ceiling > 0, best_iou / ceiling.clamp_min(1e-12), 0.0).numpy(),
     })
+    return pd.concat([table, null[["border_share", "border_expected", "positional"]]], axis=1)
 
 
 @dataclass
@@ -285,10 +366,12 @@ def dissect_layer(
     quantile: float = 0.01,
     iou_threshold: float = 0.04,
     method: str = "top_k",
+    null: bool = True,
 ) -> Dissection:
     """Both passes in one process (the network runs once per image); ``batches`` is re-iterable.
 
-    ``method``: ``top_k`` or ``histogram`` thresholds (:mod:`analysis.thresholds`; the same values)."""
+    ``method``: ``top_k`` or ``histogram`` thresholds (:mod:`analysis.thresholds`; the same values);
+    ``null``: :func:`iou_pass`'s (without it, no label has a null and none is a detector)."""
     if method == "top_k":
         total = sum(lbl.shape[0] * lbl.shape[-2] * lbl.shape[-1] for _, lbl in batches)
         top, acts = threshold_pass(model, layer, batches, quantile=quantile, total_positions=total, device=device,
@@ -301,5 +384,5 @@ def dissect_layer(
         t = histogram_thresholds(top, fine, quantile)
     else:
         raise ConfigError(f"threshold method {method!r}; use 'top_k' or 'histogram'")
-    counts = iou_pass(None, layer, batches, t, num_concepts=len(concepts), device=device, acts=acts)
+    counts = iou_pass(None, layer, batches, t, num_concepts=len(concepts), device=device, acts=acts, null=null)
     return Dissection(top, counts, label_units(counts, concepts, iou_threshold))

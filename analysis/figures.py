@@ -146,7 +146,7 @@ def detectors_figure(units: pd.DataFrame, layer: str, iou_threshold: float, quan
     else:
         b.text(0.5, 0.5, "no detector units", ha="center", va="center", transform=b.transAxes)
     b.set_ylabel("detector units")
-    b.set_title(f"per concept (IoU >= {iou_threshold:g}, q = {quantile:g})")
+    b.set_title(f"per concept (IoU >= {iou_threshold:g} and beating its null; top quantile {quantile:g})")
     fig.tight_layout()
     return _save(fig, out_dir / "figure1_detectors.png")
 
@@ -181,7 +181,9 @@ def top_images_figure(model, units: pd.DataFrame, top, data, *, layer: str, top_
                 ax.contour(on[col].astype(float), levels=[0.5], colors="yellow", linewidths=1.2)
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[row, 0].set_ylabel(f"unit {u}\n{r['label']}\nIoU {r['iou']:.2f} / {r['ceiling']:.2f}", fontsize=7)
+        flags = ("" if r.get("detector", True) else "\nnot a detector") + (
+            "\npositional (border)" if r.get("positional", False) else "")
+        axes[row, 0].set_ylabel(f"unit {u}\n{r['label']}\nIoU {r['iou']:.2f} / {r['ceiling']:.2f}{flags}", fontsize=7)
     fig.suptitle(f"{layer}: top-activating images, region a_u > t_u outlined "
                  "(row label: concept, IoU / its ceiling)", fontsize=9)
     fig.tight_layout()

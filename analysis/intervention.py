@@ -127,7 +127,8 @@ class Intervention:
 
     Attributes:
         target: "output" (activations after the ReLU) or "weight" (the conv's weights).
-        operation: "divide" or "multiply" by ``factor``.
+        operation: "divide" or "multiply" by ``factor``; "remove" zeroes the units' output (ablates them
+            together; target "output", factor unused).
         factor: > 0; the protocol tries 2, 3, ... in order.
         units: unit indices of the layer.
         selection: how the units were chosen, e.g. "worst-5", "best-5", "custom".
@@ -135,7 +136,7 @@ class Intervention:
     """
 
     target: Literal["output", "weight"]
-    operation: Literal["divide", "multiply"]
+    operation: Literal["divide", "multiply", "remove"]
     factor: float
     units: tuple[int, ...]
     selection: str = "custom"
@@ -144,8 +145,11 @@ class Intervention:
     def __post_init__(self) -> None:
         if self.target not in ("output", "weight"):
             raise ConfigError(f"intervention target must be 'output' or 'weight', got '{self.target}'")
-        if self.operation not in ("divide", "multiply"):
-            raise ConfigError(f"intervention operation must be 'divide' or 'multiply', got '{self.operation}'")
+        if self.operation not in ("divide", "multiply", "remove"):
+            raise ConfigError(f"intervention operation must be 'divide', 'multiply' or 'remove', "
+                              f"got '{self.operation}'")
+        if self.operation == "remove" and self.target != "output":
+            raise ConfigError("removing units zeroes their output: use target 'output'")
         if not self.factor > 0:
             raise ConfigError(f"intervention factor must be > 0, got {self.factor}")
         object.__setattr__(self, "units", tuple(int(u) for u in self.units))
@@ -153,6 +157,8 @@ class Intervention:
 
     @property
     def scale(self) -> float:
+        if self.operation == "remove":
+            return 0.0
         return 1.0 / self.factor if self.operation == "divide" else self.factor
 
     @property
@@ -162,6 +168,8 @@ class Intervention:
 
     @property
     def name(self) -> str:
+        if self.operation == "remove":
+            return f"{self.selection} removed"
         sign = "/" if self.operation == "divide" else "x"
         return f"{self.selection} {self.kind} {sign}{self.factor:g}"
 

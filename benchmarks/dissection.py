@@ -1,10 +1,14 @@
-"""Dissection time (both passes) / one plain evaluation pass over the same images.
+"""Dissection time (both passes) / one plain evaluation pass over the same images; and what the labels' null costs.
 
 VGG-16 (cifar variant, width 1.0, BN) at conv5_3 on shapes images (32x32, masks
 32x32, 15 concepts), q = 0.01; CPU, measured side by side in one run (best of
 ``--repeats``). The dissection runs the trunk once (to conv5_3, pass 1 keeps the
 activations, pass 2 reuses them); the evaluation runs the whole network.
 Target: <= 1.5. The last printed line is the figure.
+
+The null (:mod:`analysis.nulls`: pass 2's per-image cell sums, then the p-values)
+is timed as the dissection with it / without it, at conv5_3 (2x2 maps) and at
+conv3_3 (8x8 maps, the quickstart's layer); limit 2x.
 
     .venv/bin/python benchmarks/dissection.py [--images 300] [--threads 2]
 """
@@ -49,6 +53,12 @@ def main() -> None:
     dissect_layer(model, "conv5_3", batches[:1], data.concepts, device="cpu")
     t_eval = best_of(lambda: evaluate_class_counts(model, labelled, device="cpu", num_classes=20), args.repeats)
     t_dis = best_of(lambda: dissect_layer(model, "conv5_3", batches, data.concepts, device="cpu"), args.repeats)
+    for layer in ("conv5_3", "conv3_3"):
+        with_null = best_of(lambda: dissect_layer(model, layer, batches, data.concepts, device="cpu"), args.repeats)
+        without = best_of(lambda: dissect_layer(model, layer, batches, data.concepts, device="cpu", null=False),
+                          args.repeats)
+        print(f"{layer}: dissection with the labels' null {with_null:.3f} s, without {without:.3f} s: "
+              f"{with_null / without:.2f}x (limit 2x)")
     print(f"{args.images} images, {args.threads} threads: evaluation {t_eval:.3f} s, dissection {t_dis:.3f} s")
     print(f"dissection / evaluation = {t_dis / t_eval:.2f}x (target <= 1.5x)")
     print(f"{t_dis / t_eval:.2f}")

@@ -196,12 +196,13 @@ def dissect_cmd(
     set_: SetOpt = None,
     layer: Annotated[Optional[str], typer.Option("--layer", help="Unit layer, e.g. conv5_3 (default: dissection.layer).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: outputs/dissection-<layer>-<run>).")] = None,
+    join: Annotated[bool, typer.Option("--join", help="Also ablate the layer's units (alone and in groups) and join that with the labels: units_joined.csv, groups_joined.csv.")] = False,
 ) -> None:
     """Network dissection: label each unit with the concept its top activations overlap best (Ray tasks)."""
     from study.dissect import dissection_summary, run_dissection
     from study.mlflow_ui import ui_hint
 
-    result = run_dissection(checkpoint, config, set_, layer=layer, out=out)
+    result = run_dissection(checkpoint, config, set_, layer=layer, out=out, join=join)
     for line in dissection_summary(result):
         typer.echo(line)
     typer.echo(f"see the run: {ui_hint(result.cfg, result.run_id)}")

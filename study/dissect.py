@@ -46,6 +46,7 @@ import pandas as pd
 import ray
 import torch
 
+from analysis.counts import AblationCounts
 from analysis.dissection import ConceptCounts, label_units
 from analysis.figures import detectors_figure, top_images_figure
 from analysis.hooks import num_units
@@ -91,14 +92,28 @@ def map_size(model, layer: str, data, cfg: StudyConfig) -> tuple[int, int]:
 
 
 def coarse_map_warning(layer: str, size: tuple[int, int], image_side: int) -> str | None:
-    """One line with what to do when ``layer``'s map is too coarse to segment anything, else None."""
+    """One line with what to do when ``layer``'s map is too coarse to segment anything, else None: the
+    deepest VGG block whose maps are at least 7x7 at this image size (block k halves the side k - 1 times)."""
     if min(size) >= MIN_MAP_SIDE:
         return None
-    scale = image_side / min(size)
-    need = int(math.ceil(MIN_MAP_SIDE * scale))
+    block = max(1, min(5, 1 + int(math.floor(math.log2(max(image_side / MIN_MAP_SIDE, 1))))))
     return (f"warning: {layer}'s map is {size[0]}x{size[1]} on {image_side} px images, too coarse to segment "
-            f"concepts (under {MIN_MAP_SIDE}x{MIN_MAP_SIDE}); dissect larger images "
-            f"(--set dissection.image_size={need}) or a shallower layer (--layer conv4_3)")
+            f"concepts (under {MIN_MAP_SIDE}x{MIN_MAP_SIDE}); dissect a shallower layer (--layer conv{block}_3, "
+            f"{image_side >> (block - 1)}x{image_side >> (block - 1)} at this size), and ablate that layer too")
+
+
+def check_image_size(cfg: StudyConfig, side: int) -> str | None:
+    """None when the dissection images have the checkpoint's training size; else refuse, in one line, unless
+    ``dissection.allow_other_size`` is set, and then return the tag that says so."""
+    trained = cfg.data.image_size
+    if side == trained:
+        return None
+    if not cfg.dissection.allow_other_size:
+        raise ConfigError(
+            f"the dissection images are {side} px but the checkpoint was trained on {trained} px, so the labels "
+            f"would describe a regime the model never runs in; dissect at {trained} px (leave "
+            "dissection.image_size unset) or set dissection.allow_other_size=true to dissect anyway")
+    return f"{side} px images on a model trained at {trained} px"
 
 
 # --------------------------------------------------------------------------- concept data
@@ -227,6 +242,7 @@ class DissectionResult:
     map_size: tuple[int, int]
     warning: str | None  # the coarse-map line, when the layer's map is under MIN_MAP_SIDE
     computed: int = 0  # tasks run by this command (the rest were resumed from saved parts)
+    join: object = None  # study.join.Join when the labels were joined with the ablation
 
 
 # Pass 1's state per task (top values or radix counts) is bounded by this; top_k beyond it becomes histogram.
@@ -286,7 +302,7 @@ def _pass_one(cfg: StudyConfig, method: str, jobs: dict, parts_dir: Path, quiet:
 
 
 def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int | None = None,
-            quiet: bool = False) -> DissectionResult:
+            quiet: bool = False, join: bool | AblationCounts = False) -> DissectionResult:
     """Both passes as Ray tasks over data shards, reduced here; write and log the results.
 
     Each finished task's result is saved under ``<out_dir>/parts/dissection-<job>/``
@@ -294,6 +310,9 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     or a kill computes only the shards still missing in each pass; the shards are
     fixed in ``plan.json`` on the first run. A later shard whose pass-1
     activations are gone (pass 1 was resumed) recomputes them.
+
+    ``join``: also join the labels with the single-unit ablation of the layer (:mod:`study.join`; given, or
+    computed on the test images when True) and log ``units_joined.csv`` and ``groups_joined.csv`` with the run.
     """
     started = time.time()
     d = cfg.dissection
@@ -303,7 +322,9 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
     n = data.num_images
     layer_map = map_size(model, d.layer, data, cfg)
     first_image = data.load([0])[0]  # (1, 3, H, W): its side for the warning, its bytes for the job's identity
-    warning = coarse_map_warning(d.layer, layer_map, int(first_image.shape[-1]))
+    side = int(first_image.shape[-1])
+    other_size = check_image_size(cfg, side)
+    warning = coarse_map_warning(d.layer, layer_map, side)
     how = semantics(cfg)
     raw = how["threshold_on"] == "raw"
     total = n * (layer_map[0] * layer_map[1] if raw else data.mask_size[0] * data.mask_size[1])
@@ -352,22 +373,33 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
                                 out_dir=out_dir)]
     det = units[units["detector"]]
     metrics = {"dissection/detectors": float(len(det)), "dissection/mean_iou": float(units["iou"].mean()),
-               "dissection/max_iou": float(units["iou"].max())}
+               "dissection/max_iou": float(units["iou"].max()),
+               "dissection/labels_beating_null": float((units["q_value"] < 0.05).sum()),
+               "dissection/positional_units": float(units["positional"].sum())}
     for cat in data.concepts.category_names():
         metrics[f"dissection/detectors_{cat}"] = float((det["category"] == cat).sum())
     metrics["dissection/detectors_near_ceiling"] = float((det["iou_to_ceiling"] >= 0.8).sum())
     computed += len(second.computed)
+    joined = None
+    if join is not False:
+        from study.join import join_ablation, test_ablation
+
+        ablation = join if isinstance(join, AblationCounts) else test_ablation(
+            cfg, source, units["unit"].tolist(), out_dir=out_dir, quiet=quiet)
+        joined = join_ablation(cfg, source, units, ablation, layer=d.layer, out_dir=out_dir, quiet=quiet)
+        files, metrics = files + joined.files, {**metrics, **joined.metrics}
     run_id = log_analysis_run(
         cfg, source, kind="dissection", metrics=metrics,
         params={"dissection.images": n, "dissection.tasks": tasks + len(shards), "dissection.threshold_method": method,
                 **{f"dissection.used_{k}": v if isinstance(v, str) else ",".join(v or names)
                    for k, v in how.items()},
                 "dissection.map_size": f"{layer_map[0]}x{layer_map[1]}"},
-        files=files, tags={"coarse_map": warning} if warning else None, started=started,
+        files=files, tags={**({"coarse_map": warning} if warning else {}),
+                           **({"other_image_size": other_size} if other_size else {})} or None, started=started,
         summary=f"Network dissection of {d.layer} ({layer_map[0]}x{layer_map[1]} map) on {n} {d.concepts} images: "
                 f"units.csv, Figure 1 (detectors per concept) and Figure 3 (top images).")
     return DissectionResult(units, top, counts, out_dir, files, run_id, source, tasks + len(shards), cfg, layer_map,
-                            warning, computed)
+                            warning, computed, joined)
 
 
 def run_dissection(
@@ -379,14 +411,16 @@ def run_dissection(
     out: Path | None = None,
     num_shards: int | None = None,
     quiet: bool = False,
+    join: bool | AblationCounts = False,
 ) -> DissectionResult:
-    """``study dissect``: resolve the checkpoint (path or run id), check, fan out, write, log."""
+    """``study dissect``: resolve the checkpoint (path or run id), check, fan out, write, log (``join``:
+    :func:`dissect`'s)."""
     extra = [f"dissection.layer={layer}"] if layer is not None else []
     with tempfile.TemporaryDirectory(prefix="unitstudy-ckpt-") as tmp:
         cfg, source = prepare(checkpoint, config_path, overrides, layer=None, units=None, workdir=Path(tmp),
                               extra=extra)
         out_dir = Path(out) if out is not None else Path("outputs") / f"dissection-{cfg.dissection.layer}-{source.name}"
-        return dissect(cfg, source, out_dir=out_dir, num_shards=num_shards, quiet=quiet)
+        return dissect(cfg, source, out_dir=out_dir, num_shards=num_shards, quiet=quiet, join=join)
 
 
 def dissection_summary(result: DissectionResult, n: int = 8) -> list[str]:
@@ -402,10 +436,13 @@ def dissection_summary(result: DissectionResult, n: int = 8) -> list[str]:
         f"{d.layer}: {len(u)} units dissected on {result.top.image_max.shape[0]} {d.concepts} images "
         f"({d.layer} map {result.map_size[0]}x{result.map_size[1]}) in {result.num_tasks} tasks"
         f"{'' if result.computed == result.num_tasks else f' ({result.num_tasks - result.computed} resumed)'}; "
-        f"{len(det)} detectors (IoU >= {d.iou_threshold:g}, q = {d.quantile:g}): {per_cat}; "
-        f"{near} of them within 0.8 of their IoU ceiling",
-        "best units (IoU / ceiling): " + ", ".join(
-            f"{int(r.unit)} {r.label} ({r.category}) {r.iou:.3f}/{r.ceiling:.2f}" for r in best.itertuples()),
+        f"{len(det)} detectors (IoU >= {d.iou_threshold:g} and beating the label's spatial null at BH q < 0.05; "
+        f"top quantile {d.quantile:g}): {per_cat}; {near} of them within 0.8 of their IoU ceiling; "
+        f"{int(u['positional'].sum())} units flagged positional (most active on the map's border)",
+        "best units (IoU / ceiling, null IoU): " + ", ".join(
+            f"{int(r.unit)} {r.label} ({r.category}) {r.iou:.3f}/{r.ceiling:.2f}, {r.iou_null:.3f}"
+            f"{'' if r.detector else ' (not a detector)'}" for r in best.itertuples()),
+        *([result.join.headline] if result.join is not None else []),
         f"outputs: {result.out_dir}/ ({', '.join(f.name for f in result.files)})",
         f"MLflow run {result.run_id} (kind=dissection{src})",
     ]

@@ -57,8 +57,8 @@ def quickstart(
 
     size = cfg.dissection.image_size or cfg.data.image_size
     echo(f"== 4/5 network dissection of {cfg.dissection.layer} on {cfg.dissection.num_images} shapes images "
-         f"of {size} px")
-    dissected = run_dissection(best["run_id"], config_path, overrides, quiet=quiet)
+         f"of {size} px, joined with the ablation")
+    dissected = run_dissection(best["run_id"], config_path, overrides, quiet=quiet, join=ablated.counts)
     for line in dissection_summary(dissected):
         echo(line)
 

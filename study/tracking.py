@@ -305,8 +305,8 @@ class TrialLogger(Callback):
             self._log_epoch(trial, run_id, metrics, int(metrics["epoch"]) + 1)
         if missing and not self.quiet:
             steps = ", ".join(str(int(h["epoch"]) + 1) for h in missing)
-            print(f"[{trial.trial_id}] epoch(s) {steps} logged from the checkpoint (a kill kept them from MLflow)",
-                  flush=True)
+            print(f"[{trial.trial_id}] epoch(s) {steps} logged from the checkpoint (their results never reached "
+                  "MLflow: finished after the scheduler stopped the trial, or lost to a kill)", flush=True)
         if uri:
             self.checkpoints[trial.trial_id] = uri
 

@@ -89,6 +89,8 @@ def setup(ray_cluster, tmp_path_factory):
         f"tracking.mlflow_uri=sqlite:///{tmp}/mlflow.db",
         "tracking.experiment=test",
         f"ray.storage_path={tmp}/ray",
+        "ablation.layer=conv5_3",  # the layer whose fc6 the fast path updates by low rank
+        "dissection.layer=conv5_3",
     ]
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", sets)
     folder = tmp / "ray" / "train-t0" / "checkpoint_0"
@@ -366,8 +368,12 @@ def test_dissection_parts_are_resumable_and_equal_the_single_process_dissection(
     out = setup["tmp"] / "dissect"
     first = run_dissection(str(setup["path"]), overrides=sets, out=out, num_shards=2, quiet=True)
     assert first.computed == first.num_tasks == 4
-    again = run_dissection(str(setup["path"]), overrides=sets, out=out, num_shards=2, quiet=True)
+    again = run_dissection(str(setup["path"]), overrides=sets, out=out, num_shards=2, quiet=True, join=True)
     assert again.computed == 0
+    # `study dissect --join`: the layer's units ablated on the test images and joined with their labels
+    assert again.join.units["unit"].tolist() == list(range(len(again.units)))
+    assert (out / "units_joined.csv").exists() and (out / "groups_joined.csv").exists()
+    assert again.join.headline.startswith("join: ")
     (part,) = list(out.glob("parts/dissection-*/iou-shard001.pt"))
     part.unlink()
     resumed = run_dissection(str(setup["path"]), overrides=sets, out=out, quiet=True)  # plan.json keeps 2 shards

@@ -176,7 +176,8 @@ def test_a_layer_map_under_7x7_gets_one_line_saying_what_to_do():
 
     line = coarse_map_warning("conv5_3", (2, 2), 32)
     assert line.startswith("warning: conv5_3's map is 2x2 on 32 px images, too coarse")
-    assert "dissection.image_size=112" in line and "--layer conv4_3" in line and "\n" not in line
+    assert "--layer conv3_3, 8x8 at this size" in line and "\n" not in line
+    assert "--layer conv4_3, 8x8" in coarse_map_warning("conv5_3", (4, 4), 64)
     assert coarse_map_warning("conv5_3", (7, 7), 112) is None
 
 
@@ -628,6 +629,24 @@ def test_broden_batches_run_through_dissection(tmp_path):
     batches = concept_batches(data, range(3), batch_size=2, mean_std=MEAN_STD["places365"])
     model = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 2, 3, stride=2, padding=1), relu=nn.ReLU()))
     result = dissect_layer(model, "conv", batches, data.concepts, device="cpu", quantile=0.1)
-    assert list(result.units.columns) == ["unit", "label", "category", "iou", "threshold", "detector",
-                                              "concept_share", "ceiling", "iou_to_ceiling"]
+    assert list(result.units.columns) == ["unit", "label", "category", "iou", "threshold", "iou_null", "p_value",
+                                          "q_value", "detector", "concept_share", "ceiling", "iou_to_ceiling",
+                                          "border_share", "border_expected", "positional"]
     assert result.counts.concept_area.tolist() == [4 + 8 + 12, 3, 2 * 16, 16]
+
+
+def test_dissecting_at_another_size_than_the_training_one_is_refused_unless_asked_and_then_tagged():
+    from study.config import load_config
+    from study.dissect import check_image_size
+    from tests.conftest import ROOT
+    from trainables.errors import ConfigError
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    assert check_image_size(cfg, 32) is None
+    with pytest.raises(ConfigError) as refused:
+        check_image_size(cfg, 112)
+    line = str(refused.value)
+    assert "112 px" in line and "trained on 32 px" in line and "dissection.allow_other_size=true" in line
+    assert "\n" not in line
+    allowed = load_config(ROOT / "configs" / "quickstart.yaml", ["dissection.allow_other_size=true"])
+    assert check_image_size(allowed, 112) == "112 px images on a model trained at 32 px"

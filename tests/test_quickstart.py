@@ -38,9 +38,15 @@ def test_quickstart_runs_end_to_end_and_leaves_every_run_in_mlflow(ray_cluster, 
                if r.data.tags.get("kind") in ("ablation", "intervention", "dissection"))
     assert {a.path for a in c.list_artifacts(parent, "report")} >= {"report/table2.md", "report/table2.csv"}
     dissection = next(r for r in runs if r.data.tags.get("kind") == "dissection")
-    assert dissection.data.params["dissection.map_size"] == "7x7" and "coarse_map" not in dissection.data.tags
-    assert {"units.csv", "figure1_detectors.png", "figure3_top_images.png"} <= {
-        a.path for a in c.list_artifacts(dissection.info.run_id)}
+    # one layer at one size: conv3_3 of the 32 px network, 8x8, ablated and dissected, and the two joined
+    assert dissection.data.params["dissection.map_size"] == "8x8" and "coarse_map" not in dissection.data.tags
+    assert "other_image_size" not in dissection.data.tags
+    assert {"units.csv", "figure1_detectors.png", "figure3_top_images.png", "units_joined.csv",
+            "groups_joined.csv"} <= {a.path for a in c.list_artifacts(dissection.info.run_id)}
+    assert any(line.startswith("join: ") for line in lines), "the console prints the join's headline"
+    assert {"iou_null", "p_value", "q_value", "positional"} <= set(out["dissection"].units.columns)
+    joined = out["dissection"].join.units
+    assert joined["unit"].tolist() == out["ablation"].counts.units.tolist() and out["ablation"].counts.layer == "conv3_3"
 
     # the MLflow scheme a researcher reads in the UI
     assert c.get_experiment_by_name("qs").artifact_location == str(tmp_path / "mlruns"), "beside the store"

@@ -39,7 +39,7 @@ EPOCHS = 2
 SMALL = ["data.num_train=600", "data.num_test=200", "model.width=0.0625", f"train.epochs={EPOCHS}",
          f"train.t_max={EPOCHS}", "train.cpus_per_worker=1", "train.batch_size=64", "tracking.experiment=s3",
          "regularization.focused_dropout.par_rate=0", "ablation.num_gpus=0", "ablation.precision_sample=0",
-         "dissection.num_images=40", "dissection.image_size=64"]
+         "dissection.num_images=40"]
 SWEEP = ["sweep.space={}", "sweep.grid={train.seed: [0, 1]}", "sweep.scheduler=fifo", "sweep.num_samples=1",
          "sweep.max_concurrent_trials=1"]
 

@@ -134,6 +134,9 @@ class DissectionConfig(Section):
     num_images: int = Field(1_000, ge=1)
     top_images: int = Field(5, ge=1)  # per unit in Figure 3
     image_size: int | None = Field(None, ge=8, le=1024)  # shapes concepts: px of the dissection images (default data.image_size)
+    # Dissect images of another size than the model was trained on (refused otherwise: the labels would describe
+    # a regime the model never runs in); the run is tagged other_image_size.
+    allow_other_size: bool = False
     # Which reference's semantics (README "Network dissection"); None = the concept source's default:
     # broden -> NetDissect-Lite's (per_category, raw, the paper's four categories), shapes -> (dataset, upsampled, all)
     denominator: Literal["per_category", "dataset"] | None = None  # a unit's area per concept category, or overall

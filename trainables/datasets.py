@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from trainables.config import DataConfig
 from trainables.errors import ConfigError, DataError
-from trainables.shapes import CATEGORIES, CONCEPTS, SHAPES_CLASSES, make_shapes
+from trainables.shapes import CATEGORIES, CONCEPTS, SHAPES, SHAPES_CLASSES, TEXTURES, make_shapes
 
 __all__ = [
     "DATASETS", "MEAN_STD", "NUM_CLASSES", "Cifar100Spec", "DatasetSpec", "Places365Spec", "ShapesSpec",
@@ -131,8 +131,14 @@ class DatasetSpec:
         return "local", {"root": data.root}
 
     def dissection_image_size(self, data: DataConfig | Mapping[str, Any]) -> int:
-        """Default side in px of the generated shapes-concept images that dissect a model of this dataset."""
-        return 32
+        """Default side in px of the generated shapes-concept images that dissect a model of this dataset:
+        the size it trains on (a network is trained, ablated and dissected at one input size)."""
+        return as_data_config(data).image_size
+
+    def concept_classes(self) -> dict[str, list[int]]:
+        """For each dissection concept that the class labels name, the classes whose images contain it
+        (the join of labels and ablations, :mod:`analysis.unit_join`); none by default."""
+        return {}
 
 
 # --------------------------------------------------------------------------- shapes
@@ -166,8 +172,9 @@ class ShapesSpec(DatasetSpec):
             f"  {category} concepts: {', '.join(CONCEPTS[category])}" for category in CATEGORIES
         ]
 
-    def dissection_image_size(self, data):
-        return as_data_config(data).image_size
+    def concept_classes(self):
+        """A class is (shape, texture): its images contain that shape and that texture."""
+        return {c: [i for i, name in enumerate(SHAPES_CLASSES) if c in name.split("/")] for c in (*SHAPES, *TEXTURES)}
 
 
 @contextlib.contextmanager
