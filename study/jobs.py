@@ -20,24 +20,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TypeVar
+
+from pydantic import BaseModel
 
 from trainables.errors import ConfigError
-
-if TYPE_CHECKING:
-    from study.config import StudyConfig
 
 __all__ = ["DEFAULT_HOME", "HOME_ENV", "anchor", "anchored", "job_home", "job_note", "job_working_dir"]
 
 HOME_ENV = "UNITSTUDY_HOME"
 DEFAULT_HOME = "~/unitstudy"
 
+Config = TypeVar("Config", bound=BaseModel)  # a study.config.StudyConfig (imported there, not here: no cycle)
+
 
 def job_working_dir(cwd: str | Path | None = None) -> Path | None:
     """The Ray job's temporary working directory that ``cwd`` (default: this process's) lies in, or None."""
     parts = Path(cwd if cwd is not None else os.getcwd()).parts
     for i in range(2, len(parts)):
-        if parts[i].startswith("_ray_pkg_") and parts[i - 1] == "working_dir_files" and parts[i - 2] == "runtime_resources":
+        if parts[i].startswith("_ray_pkg_") and parts[i - 2: i] == ("runtime_resources", "working_dir_files"):
             return Path(*parts[: i + 1])
     return None
 
@@ -74,7 +75,7 @@ def _anchor_tracking_uri(uri: str) -> str:
     return anchor(uri)
 
 
-def anchored(cfg: StudyConfig) -> StudyConfig:
+def anchored(cfg: Config) -> Config:
     """``cfg`` with its relative locations under the job home when this process runs inside a Ray job's working
     directory; ``cfg`` itself otherwise."""
     if job_working_dir() is None:
