@@ -134,6 +134,7 @@ def test_gitignore_keeps_the_environment_data_and_runs_out_of_the_uploaded_packa
         assert uploaded(kept), kept
 
 
+@pytest.mark.slow
 def test_a_job_with_relative_defaults_leaves_its_run_and_checkpoint_in_the_job_home(ray_dashboard, tmp_path):
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
