@@ -2,7 +2,7 @@
 
 Ray runs a job's entrypoint in its own copy of the uploaded working directory,
 ``<session>/runtime_resources/working_dir_files/_ray_pkg_<hash>``, and deletes that
-copy with the session (sooner, once no job uses the package). A relative
+copy with the session (and may delete it sooner, once no job uses it). A relative
 ``tracking.mlflow_uri`` (``sqlite:///mlflow.db``), ``ray.storage_path``
 (``ray_results``), ``data.root`` or output folder would put the study's runs and
 checkpoints there, and the printed UI hint would name a store the user cannot find.
