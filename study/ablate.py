@@ -55,6 +55,7 @@ from study.fanout import (
     shard_bounds,
     task_resources,
 )
+from study.jobs import anchor
 from study.runtime import init_ray
 from study.sources import Source, check_model, prepare
 from study.tracking import log_analysis_run
@@ -253,7 +254,7 @@ def run_ablation(
     """``study ablate``: resolve, check, fan out, write, log."""
     with tempfile.TemporaryDirectory(prefix="unitstudy-ckpt-") as tmp:
         cfg, source = prepare(checkpoint, config_path, overrides, layer=layer, units=units, workdir=Path(tmp))
-        out_dir = Path(out) if out is not None else Path("outputs") / f"ablation-{source.name}"
+        out_dir = Path(anchor(out if out is not None else Path("outputs") / f"ablation-{source.name}"))
         return ablate(cfg, source, out_dir=out_dir, num_shards=num_shards, quiet=quiet)
 
 

@@ -235,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     quiet_libraries()
     try:
+        from study.jobs import job_note
+
+        if note := job_note():  # inside a Ray job: say where the runs go instead of its temporary directory
+            typer.echo(note, err=True)
         app(args=argv, prog_name="study")  # standalone: exits via SystemExit
     except UnitstudyError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -24,6 +24,7 @@ import annotated_types
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from study.jobs import anchored
 from trainables.datasets import NUM_CLASSES
 from trainables.errors import ConfigError, LayerNameError
 from trainables.models import check_layer_name, layer_names
@@ -278,13 +279,15 @@ def _describe(err: dict) -> str:
 
 
 def validate(raw: dict[str, Any]) -> StudyConfig:
-    """Validate a raw dict; one ConfigError sentence for the first problem."""
+    """Validate a raw dict; one ConfigError sentence for the first problem. Inside a Ray job, relative locations
+    resolve under the job home, not in the job's temporary working directory (:func:`study.jobs.anchored`)."""
     try:
-        return StudyConfig.model_validate(raw)
+        cfg = StudyConfig.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
         raise ConfigError(_describe(errors[0]) + more) from None
+    return anchored(cfg)
 
 
 def text_field(parts: list[str]) -> tuple[bool, bool]:

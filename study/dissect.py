@@ -69,6 +69,7 @@ from study.fanout import (
     shard_bounds,
     task_resources,
 )
+from study.jobs import anchor
 from study.runtime import init_ray
 from study.sources import Source, check_model, expected_architecture, prepare
 from study.tracking import log_analysis_run
@@ -419,7 +420,8 @@ def run_dissection(
     with tempfile.TemporaryDirectory(prefix="unitstudy-ckpt-") as tmp:
         cfg, source = prepare(checkpoint, config_path, overrides, layer=None, units=None, workdir=Path(tmp),
                               extra=extra)
-        out_dir = Path(out) if out is not None else Path("outputs") / f"dissection-{cfg.dissection.layer}-{source.name}"
+        out_dir = Path(anchor(out if out is not None
+                                  else Path("outputs") / f"dissection-{cfg.dissection.layer}-{source.name}"))
         return dissect(cfg, source, out_dir=out_dir, num_shards=num_shards, quiet=quiet, join=join)
 
 

@@ -63,6 +63,7 @@ from study.fanout import (
     task_resources,
     validation_split,
 )
+from study.jobs import anchor
 from study.runtime import init_ray
 from study.sources import Source, check_model, prepare
 from study.tracking import log_analysis_run
@@ -294,7 +295,7 @@ def run_intervention(
     with tempfile.TemporaryDirectory(prefix="unitstudy-ckpt-") as tmp:
         cfg, source = prepare(checkpoint, config_path, overrides, layer=layer, units=units, workdir=Path(tmp),
                               extra=extra)
-        out_dir = Path(out) if out is not None else Path("outputs") / f"intervention-{source.name}"
+        out_dir = Path(anchor(out if out is not None else Path("outputs") / f"intervention-{source.name}"))
         return intervene(cfg, source, out_dir=out_dir, num_shards=num_shards, quiet=quiet)
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from analysis.tables import accuracy_figure, parallel_coordinates_figure, table2, table2_markdown
 from study.config import StudyConfig
+from study.jobs import anchor
 from trainables.errors import ConfigError
 
 
@@ -66,7 +67,7 @@ def report(cfg: StudyConfig, experiment: str | None = None, out_dir: str | Path 
         )
     table = table2(done)
     markdown = table2_markdown(table)
-    out = Path(out_dir or f"outputs/report-{experiment}")
+    out = Path(anchor(out_dir or f"outputs/report-{experiment}"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "table2.md").write_text(markdown + "\n")
     table.to_csv(out / "table2.csv", index=False)

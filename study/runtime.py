@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from study.config import StudyConfig
+from study.jobs import job_working_dir
 from study.joining import check_ray_auth, quiet_startup_notices
 from study.storage import check_writable, is_remote, worker_env
 from trainables.errors import ConfigError
@@ -156,14 +157,17 @@ def copies_in(resources: dict[str, float], bundles: list[dict[str, float]]) -> i
 
 
 def check_local_prerequisites(cfg: StudyConfig) -> None:
-    """Checks that need no cluster: a GPU requested on a GPU-less local machine, data present."""
-    if cfg.ray.address is None and cfg.train.use_gpu:
+    """Checks that need no cluster, where ``study`` starts its own: a GPU requested on a GPU-less machine, data
+    present. A Ray job's driver joins the job's cluster (Ray sets ``RAY_ADDRESS``) even without ``ray.address``:
+    the head it runs on may have no GPU and no data, and the workers need them, not it."""
+    if cfg.ray.address is not None or job_working_dir() is not None:
+        return
+    if cfg.train.use_gpu:
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("train.use_gpu is true but this machine has no CUDA GPU; set train.use_gpu=false")
-    if cfg.ray.address is None:
-        check_data_present(cfg)
+    check_data_present(cfg)
 
 
 def check_data_present(cfg: StudyConfig) -> None:

@@ -1,5 +1,6 @@
 """Shared test fixtures: CPU only, tiny models and images."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -96,6 +97,9 @@ def ray_cluster():
     Ray instances", the placement groups of killed drivers and of trials ASHA
     stopped leaked, and a later trial waited forever for their CPUs. This
     process's later children do not inherit that address.
+
+    Its dashboard agent listens on a free port (:func:`_free_agent_port`), so its
+    job API (:func:`ray_dashboard`) works while another cluster runs on the machine.
     """
     import ray
 
@@ -105,15 +109,53 @@ def ray_cluster():
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     try:
-        ray.init(address=isolate_local_cluster(), num_cpus=4, log_to_driver=False, logging_level="WARNING")
+        with _free_agent_port():
+            context = ray.init(address=isolate_local_cluster(), num_cpus=4, log_to_driver=False,
+                               logging_level="WARNING")
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    _SESSION_CLUSTER["dashboard"] = f"http://{context.dashboard_url}"
     yield ray
     ray.shutdown()
+
+
+_SESSION_CLUSTER: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def _free_agent_port():
+    """A new local cluster's dashboard agent on a free port instead of Ray's fixed 52365.
+
+    Every node's agent serves the job API (a job's supervisor and its logs) on that
+    port; a second cluster on the machine cannot bind it, its head then answers every
+    submission with "No available agent to submit job". ``ray start`` takes
+    ``--dashboard-agent-listen-port``; ``ray.init`` does not, so the port is given to
+    the one ``RayParams`` it builds for the new cluster.
+    """
+    from ray._private import parameter
+
+    init = parameter.RayParams.__init__
+    port = free_port()
+
+    def with_agent_port(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", port)
+        init(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = with_agent_port
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = init
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard(ray_cluster) -> str:
+    """The session cluster's dashboard (its job API), ``http://127.0.0.1:PORT``."""
+    return _SESSION_CLUSTER["dashboard"]
 
 
 def free_port() -> int:
