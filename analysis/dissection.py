@@ -263,8 +263,7 @@ def iou_pass(
                 area = on.sum(1)
                 unit_area.index_add_(0, u, area)
                 if null:
-                    per_cell = torch.zeros(hi - lo, cells, dtype=torch.long, device=device).index_add_(1, cell,
-                                                                                                       on.long())
+                    per_cell = _per_cell(on, size, tuple(a.shape[-2:]), cell, cells)
                     ring_area.index_add_(0, u, per_cell[:, ring].sum(1))
                     live = area > 0
                     image_unit.append(torch.stack([i + images, u, area, per_cell.square().sum(1)], 1)[live].cpu())
@@ -285,6 +284,16 @@ def iou_pass(
                          torch.cat([empty, *image_unit]) if null else None,
                          torch.cat([empty, *image_concept]) if null else None, ring_area.cpu() if null else None,
                          cells, ring_pixels)
+
+
+def _per_cell(on: torch.Tensor, size: tuple[int, int], map_size: tuple[int, int], cell: torch.Tensor,
+              cells: int) -> torch.Tensor:
+    """(n, cells) int64 active pixels of each row of ``on`` ((n, H W) bool) in each map cell: a reshape where
+    the cells tile the masks evenly, else an index_add by ``cell`` (the same integers)."""
+    (hm, wm), h, w = size, min(map_size[0], size[0]), min(map_size[1], size[1])
+    if hm % h == 0 and wm % w == 0:
+        return on.view(-1, h, hm // h, w, wm // w).sum((2, 4), dtype=torch.long).view(-1, cells)
+    return torch.zeros(on.shape[0], cells, dtype=torch.long, device=on.device).index_add_(1, cell, on.long())
 
 
 def _cell_sums(ids: torch.Tensor, cell: torch.Tensor, cells: int, K: int, first: int) -> torch.Tensor:

@@ -46,25 +46,26 @@ def test_null_moments_match_a_simulation_of_cells_shuffled_and_pixels_scattered(
         assert abs(inter.var() - var) < 0.05 * var + 1e-9  # the variance's sampling error is about 0.7% here
 
 
-def test_the_sums_pass_2_counts_for_the_null_equal_a_naive_count():
-    model, batches, acts, labels = small_case(seed=3, n=7, units=3, h=3, size=(8, 8), k=5)
+@pytest.mark.parametrize("h", [3, 4])  # cells of uneven and of even size (2x2 pixels)
+def test_the_sums_pass_2_counts_for_the_null_equal_a_naive_count(h):
+    model, batches, acts, labels = small_case(seed=3, n=7, units=3, h=h, size=(8, 8), k=5)
     t = torch.tensor([0.3, 0.5, 0.2])
     counts = iou_pass(model, "fixed", batches, t, num_concepts=5, device="cpu")
     on = np_bilinear(acts.double().numpy(), (8, 8)) > t.double().numpy()[None, :, None, None]  # (N, U, 8, 8)
-    cell = (np.arange(8) * 3 // 8)[:, None] * 3 + (np.arange(8) * 3 // 8)[None, :]  # floor(y h / H) rows, same cols
-    per_cell = np.stack([on[..., cell == j].sum(-1) for j in range(9)], -1)  # (N, U, 9)
+    cell = (np.arange(8) * h // 8)[:, None] * h + (np.arange(8) * h // 8)[None, :]  # floor(y h / H) rows, same cols
+    per_cell = np.stack([on[..., cell == j].sum(-1) for j in range(h * h)], -1)  # (N, U, h h)
     k1, k2 = per_cell.sum(-1), (per_cell**2).sum(-1)
     i, u = np.nonzero(k1)
     assert counts.image_unit.tolist() == np.stack([i, u, k1[i, u], k2[i, u]], 1).tolist()
     has = np.stack([(labels == c).any(1).numpy() for c in range(1, 6)], 1)  # (N, 5, 8, 8)
-    m = np.stack([has[..., cell == j].sum(-1) for j in range(9)], -1)  # (N, 5, 9)
+    m = np.stack([has[..., cell == j].sum(-1) for j in range(h * h)], -1)  # (N, 5, h h)
     m1, m2 = m.sum(-1), (m**2).sum(-1)
     i, c = np.nonzero(m1)
     assert counts.image_concept.tolist() == np.stack([i, c + 1, m1[i, c], m2[i, c]], 1).tolist()
-    ring = np.ones((3, 3), bool)
-    ring[1, 1] = False
+    ring = np.ones((h, h), bool)
+    ring[1:-1, 1:-1] = False
     assert counts.ring_area.tolist() == per_cell[..., ring.reshape(-1)].sum((0, 2)).tolist()
-    assert counts.cells == 9 and counts.ring_pixels == int(ring.reshape(-1)[cell].sum())
+    assert counts.cells == h * h and counts.ring_pixels == int(ring.reshape(-1)[cell].sum())
 
 
 # --------------------------------------------------------------------------- planted truths
