@@ -299,7 +299,7 @@ def _per_cell(on: torch.Tensor, size: tuple[int, int], map_size: tuple[int, int]
 def _cell_sums(ids: torch.Tensor, cell: torch.Tensor, cells: int, K: int, first: int) -> torch.Tensor:
     """(S, 4) rows (image, concept id, M1, M2) of the concepts present in each image of the batch ``ids``
     ((b, L, P) concept ids once per pixel): their pixels and the sum of their cells' squared pixel counts."""
-    b, L, p = ids.shape
+    b = ids.shape[0]
     key = (torch.arange(b, device=ids.device)[:, None, None] * (K + 1) + ids) * cells + cell
     per_cell = torch.bincount(key.reshape(-1), minlength=b * (K + 1) * cells).view(b, K + 1, cells)
     m1, m2 = per_cell.sum(2), per_cell.square().sum(2)

@@ -34,7 +34,8 @@ from analysis.rankings import ALPHA
 from analysis.stats import bh_qvalues, mcnemar_exact
 from trainables.errors import ConfigError
 
-__all__ = ["GROUP_COLUMNS", "group_effects", "group_plan", "headline", "top_damage", "unit_effects"]
+__all__ = ["GROUP_COLUMNS", "group_class_effects", "group_effects", "group_plan", "headline", "top_damage",
+           "unit_effects"]
 
 Classes = Mapping[str, Sequence[int]]
 GROUP_COLUMNS = ["group", "concept", "units", "n_units"] + [
@@ -131,6 +132,27 @@ def group_effects(counts: InterventionCounts, concept_classes: Classes) -> pd.Da
     q = bh_qvalues(np.concatenate([table["in_p"].to_numpy(float), table["out_p"].to_numpy(float)]))
     table["in_q"], table["out_q"] = q[: len(table)], q[len(table):]
     return table[GROUP_COLUMNS]
+
+
+def group_class_effects(counts: InterventionCounts, concept_classes: Classes,
+                        class_names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per removal and per class (the PNAS table): group, concept, class, in_concept (the class contains the
+    concept), images, change_pt, lost, gained, p (exact McNemar on that class's images), q (BH over every
+    row)."""
+    rows = []
+    for i, iv in enumerate(counts.interventions):
+        kind, concept = iv.selection.split(":", 1)
+        inside = set(concept_classes.get(concept, ()))
+        for k in range(counts.total.numel()):
+            n, lo, ga = int(counts.total[k]), int(counts.lost[i, k]), int(counts.gained[i, k])
+            rows.append({"group": kind, "concept": concept, "class": class_names[k] if class_names else k,
+                         "in_concept": k in inside, "images": n,
+                         "change_pt": 100.0 * (ga - lo) / n if n else float("nan"), "lost": lo, "gained": ga,
+                         "p": float(mcnemar_exact(lo, ga)) if n else float("nan")})
+    table = pd.DataFrame(rows, columns=["group", "concept", "class", "in_concept", "images", "change_pt", "lost",
+                                        "gained", "p"])
+    table["q"] = bh_qvalues(table["p"].to_numpy(float))
+    return table
 
 
 def _effect(change: float, q: float) -> str:

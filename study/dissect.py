@@ -97,7 +97,7 @@ def coarse_map_warning(layer: str, size: tuple[int, int], image_side: int) -> st
     deepest VGG block whose maps are at least 7x7 at this image size (block k halves the side k - 1 times)."""
     if min(size) >= MIN_MAP_SIDE:
         return None
-    block = max(1, min(5, 1 + int(math.floor(math.log2(max(image_side / MIN_MAP_SIDE, 1))))))
+    block = max(1, min(5, 1 + math.floor(math.log2(max(image_side / MIN_MAP_SIDE, 1)))))
     return (f"warning: {layer}'s map is {size[0]}x{size[1]} on {image_side} px images, too coarse to segment "
             f"concepts (under {MIN_MAP_SIDE}x{MIN_MAP_SIDE}); dissect a shallower layer (--layer conv{block}_3, "
             f"{image_side >> (block - 1)}x{image_side >> (block - 1)} at this size), and ablate that layer too")

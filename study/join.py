@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.counts import AblationCounts
-from analysis.unit_join import GROUP_COLUMNS, group_effects, group_plan, headline, unit_effects
+from analysis.unit_join import GROUP_COLUMNS, group_class_effects, group_effects, group_plan, headline, unit_effects
 from study.config import StudyConfig
 from study.fanout import put_shared, report_split, validation_split
 from study.sources import Source
@@ -66,15 +66,19 @@ def join_ablation(cfg: StudyConfig, source: Source, units: pd.DataFrame, ablatio
         validation, _ = ablation_counts(cfg, source, selection, ablation.units.tolist(), shared, out_dir=out_dir,
                                         quiet=quiet)
         plan = group_plan(units, validation, classes)
+    names = dataset_spec(cfg.data.name).class_names()
     if plan:
         removed, _ = intervention_counts_fanned(cfg, source, report, plan, shared, out_dir=out_dir, quiet=quiet)
-        groups = group_effects(removed, classes)
+        groups, per_class = group_effects(removed, classes), group_class_effects(removed, classes, names)
     else:
-        groups = pd.DataFrame(columns=GROUP_COLUMNS)
+        groups, per_class = pd.DataFrame(columns=GROUP_COLUMNS), None
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "units_joined.csv", out_dir / "groups_joined.csv"]
     table.to_csv(files[0], index=False)
     groups.to_csv(files[1], index=False)
+    if per_class is not None:
+        files.append(out_dir / "groups_joined_per_class.csv")
+        per_class.to_csv(files[-1], index=False)
     detectors = table[table["detector"]]
     metrics = {"dissection/join_detectors_significant_on_their_classes": float((detectors["in_q"] < 0.05).sum()),
                "dissection/join_detectors_significant_elsewhere": float((detectors["out_q"] < 0.05).sum())}

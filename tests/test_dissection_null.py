@@ -22,7 +22,7 @@ from analysis.concepts import ShapesConcepts
 from analysis.dissection import dissect_layer, iou_pass
 from analysis.intervention import intervention_counts
 from analysis.nulls import image_null
-from analysis.unit_join import group_effects, group_plan, headline, unit_effects
+from analysis.unit_join import group_class_effects, group_effects, group_plan, headline, unit_effects
 from tests.test_dissection import np_bilinear, small_case
 from trainables.shapes import SHAPES, TEXTURES, make_shapes
 
@@ -164,6 +164,10 @@ def test_the_join_reports_the_cross_units_effect_on_cross_classes_only(planted):
     assert removed.lost[0, :2].sum() == cross_images and removed.lost[0, 2:].sum() == 0  # exactly those classes
     assert removed.gained[0].sum() == 0
     groups = group_effects(removed, CLASSES)
+    per_class = group_class_effects(removed, CLASSES).query("group == 'detectors'").set_index("class")
+    assert per_class["change_pt"].tolist() == [-100.0, -100.0, 0.0, 0.0] and per_class["in_concept"].tolist() == [
+        True, True, False, False]
+    assert (per_class["q"][:2] < 1e-6).all() and (per_class["p"][2:] == 1.0).all()
     assert groups.loc[0, "in_change_pt"] == -100.0 and groups.loc[0, "out_change_pt"] == 0.0
     line = headline(groups, units.reset_index())
     assert line.startswith("join: removing the 1 'cross' detector(s) together: cross classes -100.0 pt (q = ")
