@@ -104,9 +104,10 @@ def column_id(kind: str, key: str) -> str:
 
 
 def column_width(key: str, sorted_by: bool = False, values: int = 0) -> int:
-    """Pixels that show a column's header whole (MLflow's header font: about 5.6 px a character, 22 px of
-    padding, 16 px for the sort arrow) and ``values`` characters of its cells; at least 64."""
-    return max(64, round(5.6 * max(len(key), values) + 22 + 16 * sorted_by))
+    """Pixels that show a column's header whole (MLflow 3.17's header font: about 5.6 px a character, 22 px of
+    padding, 16 px for the sort arrow) and ``values`` characters of its cells (about 6.2 px each, 28 px of
+    padding); at least 64. Measured on screenshots of headless Chromium."""
+    return max(64, round(5.6 * len(key) + 22 + 16 * sorted_by), round(6.2 * values + 28))
 
 
 def trials_view(parent_run_id: str, swept: list[str], methods: bool = False) -> dict:
@@ -139,8 +140,10 @@ def trials_view(parent_run_id: str, swept: list[str], methods: bool = False) -> 
         "orderByKey": column_id("metrics", sort_key), "orderByAsc": False,
         "selectedColumns": [column_id(*c) for c in order] + [column_id("attributes", "Duration")],
         "columnOrder": [column_id(*c) for c in order] + ["duration"],  # the Duration column's id is its own
-        "columnWidths": {column_id(kind, key): column_width(key, key == sort_key, 13 * (key == "status"))
-                         for kind, key in order},  # 13: "stopped_early"
+        # cells: a swept value at 4 significant digits ("0.06355"), a status ("stopped_early")
+        "columnWidths": {column_id(kind, key): column_width(key, key == sort_key, {"params": 7}.get(kind, 0)
+                                                            + 13 * (key == "status"))
+                         for kind, key in order},
         "runsHiddenMode": "FIRST_20_RUNS",
         "isAccordionReordered": True,  # keep "Compare trials" first; MLflow appends its own sections after it
         "compareRunSections": [{"uuid": section, "name": "Compare trials", "display": True, "isReordered": True,

@@ -45,6 +45,9 @@ from study.storage import as_uri, is_remote, newest_checkpoint
 from trainables.loop import STOP_ENV, stop_point
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # ray.tune.integration.ray_train.CHECKPOINT_PATH_KEY
+RUN_COLOR_TAG = "mlflow.runColor"  # the colour the MLflow UI draws a run in (its charts, the table's dot)
+TRIAL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+                "#17becf")  # matplotlib's tab10: ten colours told apart at a glance, in trial order
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -244,6 +247,13 @@ class TrialLogger(Callback):
         self.runs[trial.trial_id] = run_id
         return run_id
 
+    def _next_color(self) -> str:
+        """The next of :data:`TRIAL_COLORS` for this study's next trial (MLflow's own colours, hashed from run
+        ids, gave two of three trials nearly the same green)."""
+        trials = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = "
+                                         f"'{self.parent_run_id}' and tags.kind = 'trial'", max_results=1000)
+        return TRIAL_COLORS[len(trials) % len(TRIAL_COLORS)]
+
     def _create_trial_run(self, trial) -> str:
         resolved = self.resolve(trial.config)
         self._epochs[trial.trial_id] = resolved["train"]["epochs"]
@@ -254,7 +264,7 @@ class TrialLogger(Callback):
                  f"{self.cfg.ray.storage_path})." if is_remote(self.cfg.ray.storage_path)
                  else "the checkpoint is under checkpoint/.")
         tags = {PARENT_TAG: self.parent_run_id, **provenance_tags("trial"), "trial_id": trial.trial_id,
-                "status": "running", "swept": json.dumps(paths),
+                "status": "running", "swept": json.dumps(paths), RUN_COLOR_TAG: self._next_color(),
                 "mlflow.note.content": f"Trial {trial.trial_id}" + (f" of method {method}" if method else "")
                                        + (f": {described}" if described else "") + ". The resolved config is "
                                        f"config.yaml; {where}"}
