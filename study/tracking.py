@@ -87,8 +87,11 @@ def model_params(dump: dict[str, Any]) -> dict[str, Any]:
     return flatten({k: dump[k] for k in MODEL_SECTIONS if k in dump})
 
 
-def swept_paths(cfg: StudyConfig) -> list[str]:
-    """The config paths a study varies (search space, grid, methods' overrides, seeds)."""
+def swept_paths(cfg: StudyConfig, kind: str = "sweep") -> list[str]:
+    """The config paths a study varies (search space, grid, methods' overrides, seeds); none for ``study train``
+    (``kind`` = train), which runs the config as it is whatever its sweep section says."""
+    if kind != "sweep":
+        return []
     paths = list(cfg.sweep.space) + list(cfg.sweep.grid)
     for overrides in cfg.sweep.methods.values():
         paths += [p for p in overrides if p not in paths]
@@ -111,17 +114,18 @@ def log_config_yaml(c, run_id: str, dump: dict[str, Any], name: str = "config.ya
 def start_parent_run(cfg: StudyConfig, kind: str, name: str, tags: dict[str, str] | None = None) -> str:
     """Create the study's parent run (tag ``kind=study``); returns its id."""
     c = client(cfg)
-    swept = ", ".join(short_keys(swept_paths(cfg)).values()) or "nothing (one training run)"
+    varied = swept_paths(cfg, kind)
+    swept = ", ".join(short_keys(varied).values()) or "nothing (one training run)"
     all_tags = {**provenance_tags("study"), "study.kind": kind, **(tags or {}),
                 "mlflow.note.content": f"A {kind} of {cfg.sweep.num_samples if kind == 'sweep' else 1} trial(s) "
                                        f"varying {swept}; chosen on {cfg.sweep.metric}. Its trials are the nested "
                                        "runs (kind=trial); the whole config is config.yaml."}
     run = c.create_run(experiment_id(cfg), run_name=name, tags=all_tags)
-    c.set_tag(run.info.run_id, "trials_view", save_trials_view(cfg, run.info.run_id, swept_paths(cfg),
-                                                                  bool(cfg.sweep.methods)))
+    c.set_tag(run.info.run_id, "trials_view", save_trials_view(cfg, run.info.run_id, varied,
+                                                                  bool(cfg.sweep.methods) and kind == "sweep"))
     sweep = {f"sweep.{k}": v for k, v in (("num_samples", cfg.sweep.num_samples), ("scheduler", cfg.sweep.scheduler),
                                           ("metric", cfg.sweep.metric))} if kind == "sweep" else {}
-    fixed = {k: v for k, v in model_params(cfg.dump()).items() if k not in swept_paths(cfg)}  # trials vary the rest
+    fixed = {k: v for k, v in model_params(cfg.dump()).items() if k not in varied}  # trials vary the rest
     c.log_batch(run.info.run_id, params=mlflow_params({**fixed, **sweep}))
     log_config_yaml(c, run.info.run_id, cfg.dump())
     return run.info.run_id
@@ -155,12 +159,13 @@ def get_path(dump: dict[str, Any], path: str) -> Any:
     return value
 
 
-def swept_values(cfg: StudyConfig, resolved: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+def swept_values(cfg: StudyConfig, resolved: dict[str, Any], kind: str = "sweep"
+                 ) -> tuple[dict[str, Any], dict[str, str]]:
     """(short key -> value, short key -> dotted path) of the settings a study varies, as ``resolved`` has them.
 
     Floats at 4 significant digits, for readable columns (config.yaml holds the exact values).
     """
-    names = short_keys(swept_paths(cfg))
+    names = short_keys(swept_paths(cfg, kind))
     values = {}
     for path, short in names.items():
         value = get_path(resolved, path)
@@ -208,8 +213,8 @@ class TrialLogger(Callback):
     ``trial-<id> (stopped, epoch N)``, a failed one ``trial-<id> (failed)``.
     """
 
-    def __init__(self, cfg: StudyConfig, parent_run_id: str, resolve, quiet: bool = False):
-        self.cfg, self.parent_run_id, self.resolve, self.quiet = cfg, parent_run_id, resolve, quiet
+    def __init__(self, cfg: StudyConfig, parent_run_id: str, resolve, quiet: bool = False, kind: str = "sweep"):
+        self.cfg, self.parent_run_id, self.resolve, self.quiet, self.kind = cfg, parent_run_id, resolve, quiet, kind
         self._connect()
 
     def _connect(self) -> None:
@@ -223,10 +228,11 @@ class TrialLogger(Callback):
     # Tune pickles its run config (callbacks included) for Tuner.restore: keep only
     # the settings; a restored logger reconnects and finds its runs by their tags.
     def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self.cfg, "parent_run_id": self.parent_run_id, "resolve": self.resolve, "quiet": self.quiet}
+        return {"cfg": self.cfg, "parent_run_id": self.parent_run_id, "resolve": self.resolve, "quiet": self.quiet,
+                "kind": self.kind}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"kind": "sweep", **state})
         self._connect()
 
     # -- helpers
@@ -258,7 +264,7 @@ class TrialLogger(Callback):
         resolved = self.resolve(trial.config)
         self._epochs[trial.trial_id] = resolved["train"]["epochs"]
         method = (trial.config.get("search") or {}).get("method")
-        values, paths = swept_values(self.cfg, resolved)  # under short keys only: one key per setting
+        values, paths = swept_values(self.cfg, resolved, self.kind)  # under short keys only: one key per setting
         described = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in values.items())
         where = (f"the checkpoint stays in the storage, at the URI of the tag checkpoint_uri (under "
                  f"{self.cfg.ray.storage_path})." if is_remote(self.cfg.ray.storage_path)

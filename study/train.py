@@ -205,7 +205,7 @@ def run_trials(
             run_config=ray.tune.RunConfig(
                 name=name,
                 storage_path=storage,
-                callbacks=[TrialLogger(cfg, parent, resolve_trial_config, quiet=quiet)],
+                callbacks=[TrialLogger(cfg, parent, resolve_trial_config, quiet=quiet, kind=kind)],
                 verbose=0,
             ),
         )
