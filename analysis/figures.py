@@ -146,7 +146,7 @@ def detectors_figure(units: pd.DataFrame, layer: str, iou_threshold: float, quan
     else:
         b.text(0.5, 0.5, "no detector units", ha="center", va="center", transform=b.transAxes)
     b.set_ylabel("detector units")
-    b.set_title(f"per concept (IoU >= {iou_threshold:g}, q = {quantile:g})")
+    b.set_title(f"per concept (IoU >= {iou_threshold:g}, top quantile {quantile:g})")
     fig.tight_layout()
     return _save(fig, out_dir / "figure1_detectors.png")
 
