@@ -46,8 +46,12 @@ COLUMNS = ["method", "n"] + [f"{name}{suffix}" for name, _ in ACCURACIES for suf
     "test_diff", "test_diff_ci", "pairs"]
 HEADER = "| method | n | train acc | val acc | test acc | Δ test acc vs baseline |"
 TABLE2_CAPTION = (
-    "Table 2: accuracy per method, mean ± 95% t half-width over seeds (none when n < 2; n = runs); "
-    "Δ test acc vs baseline: runs paired by train.seed, mean ± 95% t half-width over the pairs, in points"
+    "Table 2: accuracy per method at each trial's selected epoch (its last, whose checkpoint is kept), in %. "
+    "n: the trial runs pooled in the row (the seeds of one setting); each accuracy is their mean ± the 95% Student t "
+    "half-width over them, with no ± when n < 2; (n=k): only k of the row's n runs logged that accuracy; "
+    "-: none did (val acc: no validation split). Δ test acc vs baseline: the row's runs paired with the baseline "
+    "runs of the same train.seed, mean ± 95% t half-width over the pairs, in percentage points (pt); -: no pair "
+    "(the baseline row itself, or no baseline run of a shared seed). Only trials that ran every epoch are pooled."
 )
 
 

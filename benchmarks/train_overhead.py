@@ -91,7 +91,8 @@ def main() -> None:
 
     result = train(cfg, quiet=True)
     client = MlflowClient(cfg.tracking.mlflow_uri)
-    history = sorted(client.get_metric_history(result.trials[0]["run_id"], "time/images_per_s"), key=lambda m: m.step)
+    history = sorted(client.get_metric_history(result.trials[0]["run_id"], "system/images_per_s"),
+                     key=lambda m: m.step)
     ray_rates = [m.value for m in history if m.step > 0]
     print(f"Ray Train:   {statistics.median(ray_rates):8.1f} images/s  (per epoch: "
           f"{', '.join(f'{r:.0f}' for r in ray_rates)})")

@@ -14,7 +14,7 @@ with each conv5_3 unit removed). The computation is
 3. The parts are merged (:meth:`AblationCounts.merge`); the tidy table, the
    rankings and two figures (:func:`analysis.figures.ablation_figures`) are
    written and logged to one MLflow run tagged ``kind=ablation``, nested in the
-   study that trained the checkpoint (:func:`study.tracking.log_analysis_run`).
+   study that trained the checkpoint (:func:`study.analysis_runs.log_analysis_run`).
 
 Sharding: over data first (each task ablates all units of its chunk on one
 shard); unit chunks (``ablation.unit_chunk``) only split the units, and every
@@ -37,6 +37,7 @@ from analysis.counts import AblationCounts
 from analysis.figures import ablation_figures
 from analysis.hooks import check_units
 from analysis.rankings import ALPHA, Power, class_accuracy, class_power, rank_units, rank_units_per_class, unit_power
+from study.analysis_runs import log_analysis_run
 from study.config import StudyConfig
 from study.fanout import (
     FanOut,
@@ -58,7 +59,6 @@ from study.fanout import (
 from study.jobs import anchor
 from study.runtime import init_ray
 from study.sources import Source, check_model, prepare
-from study.tracking import log_analysis_run
 
 __all__ = ["AblationResult", "ablate", "ablation_counts", "ablation_summary", "ablation_task", "run_ablation"]
 
@@ -216,8 +216,11 @@ def ablate(
     power, per_class = unit_power(counts, ranked), class_power(counts, tidy)
     baseline = float(counts.baseline_correct.sum()) / counts.num_images
     pairs, differ = done.precision
-    metrics = {"ablation/baseline_acc": baseline, "ablation/best_unit_change": float(ranked["change"].min()),
-               "ablation/worst_unit_change": float(ranked["change"].max()),
+    # in points, 2 decimals: min = the largest drop (the most useful unit's removal), max = the largest gain (the
+    # most harmful unit's removal); whether either is significant is for units_ranked.csv's q to say
+    metrics = {"ablation/baseline_acc": baseline,
+               "ablation/min_unit_change_pt": round(100 * float(ranked["change"].min()), 2),
+               "ablation/max_unit_change_pt": round(100 * float(ranked["change"].max()), 2),
                "ablation/significant_units": int(ranked["significant"].sum()),
                "ablation/bh_level": power.level}
     # inf (not logged): no drop (gain) can be detected with fewer right (wrong) images than the test needs
@@ -231,7 +234,8 @@ def ablate(
                 "ablation.tasks": len(done.results)},
         files=files, started=started,
         summary=f"Each of the {len(units)} {cfg.ablation.layer} units removed in turn on {counts.num_images} test "
-                f"images; ablation/*_change are accuracy changes against ablation/baseline_acc (fractions); "
+                f"images; ablation/min_unit_change_pt (max_unit_change_pt) is the largest drop (gain) against "
+                f"ablation/baseline_acc (a fraction), in points; "
                 f"units_ranked.csv has each unit's exact McNemar p and BH q; ablation/mde_pt (mde_gain_pt) is the "
                 f"drop (gain) in points found with {power.power:.0%} power at BH level ablation/bh_level.",
     )

@@ -84,7 +84,7 @@ def sweep_cmd(
 ) -> None:
     """Hyperparameter sweep: Optuna search or a method grid, ASHA, every trial a nested MLflow run."""
     from study.config import load_config
-    from study.mlflow_ui import ui_hint
+    from study.mlflow_ui import runs_hint, ui_hint
     from study.sweep import sweep
 
     cfg = load_config(config, set_)
@@ -103,6 +103,7 @@ def sweep_cmd(
             typer.echo(f"  trial {t['trial_id']} failed: {t['error']}", err=True)
     typer.echo(f"see the study: {ui_hint(cfg, result.parent_run_id)}")
     typer.echo(f"compare its trials: {ui_hint(cfg, trials_of=result.parent_run_id)}")
+    typer.echo(f"every run of the experiment: {runs_hint(cfg)}")
 
 
 CheckpointArg = Annotated[
@@ -170,11 +171,11 @@ def report_cmd(
     r = report(cfg, experiment, out)
     typer.echo(TABLE2_CAPTION)
     typer.echo(r.markdown)
+    for note in r.notes:
+        typer.echo(note)
     if r.table1:
         typer.echo("\nTable 1: unit interventions (latest `study intervene` run)")
         typer.echo(r.table1)
-    if r.excluded:
-        typer.echo("left out: " + ", ".join(f"{n} trial run(s) {why.replace('_', ' ')}" for why, n in r.excluded.items()))
     typer.echo(f"written to {r.out_dir}" + (f"; logged to MLflow run {r.logged_to}" if r.logged_to else ""))
     if r.logged_to:
         typer.echo(f"see it: {ui_hint(cfg, r.logged_to)}")

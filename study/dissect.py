@@ -5,7 +5,7 @@ conv5_3; Figure 3: top-activating images with the thresholded region). The
 computation is :mod:`analysis.dissection`; this module is the driver around it
 (DESIGN.md "Data flow" step 5), with the checkpoint resolution of
 :mod:`study.sources` (a path or an MLflow run id), the resumable fan-out of
-:mod:`study.fanout` and the MLflow run of :func:`study.tracking.log_analysis_run`
+:mod:`study.fanout` and the MLflow run of :func:`study.analysis_runs.log_analysis_run`
 (tags ``kind``, ``source_run_id``, nested under the checkpoint's study).
 
 1. Concept data: ``dissection.concepts = shapes`` generates
@@ -58,6 +58,7 @@ from analysis.thresholds import (
     threshold_bins,
     top_k_bytes,
 )
+from study.analysis_runs import log_analysis_run
 from study.config import StudyConfig
 from study.fanout import (
     MIN_SHARD_IMAGES,
@@ -72,7 +73,6 @@ from study.fanout import (
 from study.jobs import anchor
 from study.runtime import init_ray
 from study.sources import Source, check_model, expected_architecture, prepare
-from study.tracking import log_analysis_run
 from trainables.datasets import dataset_spec
 from trainables.errors import ConfigError
 
@@ -391,9 +391,11 @@ def dissect(cfg: StudyConfig, source: Source, *, out_dir: Path, num_shards: int 
         files, metrics = files + joined.files, {**metrics, **joined.metrics}
     run_id = log_analysis_run(
         cfg, source, kind="dissection", metrics=metrics,
-        params={"dissection.images": n, "dissection.tasks": tasks + len(shards), "dissection.threshold_method": method,
-                **{f"dissection.used_{k}": v if isinstance(v, str) else ",".join(v or names)
-                   for k, v in how.items()},
+        params={"dissection.num_images": n, "dissection.tasks": tasks + len(shards),
+                "dissection.threshold_method": method,
+                **{f"dissection.{k}": v if isinstance(v, str) else ",".join(v or names)  # the semantics used
+                   for k, v in how.items() if k != "split"},
+                **({"dissection.split": how["split"] or "all"} if "split" in how else {}),
                 "dissection.map_size": f"{layer_map[0]}x{layer_map[1]}"},
         files=files, tags={**({"coarse_map": warning} if warning else {}),
                            **({"other_image_size": other_size} if other_size else {})} or None, started=started,

@@ -45,6 +45,7 @@ from analysis.intervention import InterventionCounts, intervention_table, table1
 from analysis.rankings import ALPHA, Power, UnitSelection, best_units, rank_units, worst_units
 from study.ablate import detectable
 from study.ablate import ablation_counts
+from study.analysis_runs import log_analysis_run
 from study.config import StudyConfig
 from study.fanout import (
     MIN_SHARD_IMAGES,
@@ -66,7 +67,6 @@ from study.fanout import (
 from study.jobs import anchor
 from study.runtime import init_ray
 from study.sources import Source, check_model, prepare
-from study.tracking import log_analysis_run
 from trainables.errors import ConfigError
 
 __all__ = ["InterventionResult", "intervene", "markdown_table", "run_intervention", "table1_display"]
@@ -222,7 +222,7 @@ def intervene(
                "intervention/significant_rows": int(table["significant"].sum()),
                "intervention/bh_level": power.level}
     if len(table):
-        metrics["intervention/best_test_change"] = float(table["change"].max())
+        metrics["intervention/max_test_change_pt"] = round(100 * float(table["change"].max()), 2)  # the best row
     metrics.update({key: 100 * v for key, v in (("intervention/mde_pt", power.drop),
                                                 ("intervention/mde_gain_pt", power.gain)) if v < float("inf")})
     run_id = log_analysis_run(
@@ -245,8 +245,16 @@ def table1_caption(val_images: int, test_images: int, worst: UnitSelection, best
     chosen = "; ".join(f"{sel.label}: {' '.join(map(str, sel.units)) or 'none'}" for sel in (worst, best))
     return (f"Units selected on {val_images} validation images held out of training, only among units whose removal "
             f"moves validation accuracy the named way ({chosen}); accuracy reported on {test_images} test images. "
-            f"p: exact McNemar test of each row against the baseline on the same test images; q: Benjamini-Hochberg "
-            f"over the rows; (n.s.) = q >= {ALPHA:g}. 95% CI: paired (Agresti-Min) interval of the change, in points.")
+            f"n = {test_images} test images for every test column, {val_images} validation images for val acc. "
+            f"units: the units intervened on (-: none, the baseline row); intervention: what was done to them, "
+            f"/k divides and xk multiplies their output (unit activation) or their conv weights (weight "
+            f"modification) by k; test acc: test accuracy with it; change: test acc minus the baseline's, in "
+            f"percentage points (pt); 95% CI: paired (Agresti-Min) interval of the change, in points; p: exact "
+            f"McNemar test of each row against the baseline on the same test images; q: Benjamini-Hochberg q-value "
+            f"over the rows; (n.s.) = q >= {ALPHA:g}; val acc: validation accuracy with it (the images the units "
+            f"and the stop were chosen on); stop: \"below baseline\" marks the row whose val acc fell below the "
+            f"baseline's, which ends that series of factors (the paper's Table 1 protocol); an empty cell does not "
+            f"apply to that row.")
 
 
 def table1_notes(worst: UnitSelection, best: UnitSelection, table: pd.DataFrame, power: Power) -> list[str]:

@@ -29,7 +29,7 @@ def quickstart(
     from study.ablate import ablation_summary, run_ablation
     from study.dissect import dissection_summary, run_dissection
     from study.intervene import intervention_summary, run_intervention
-    from study.mlflow_ui import ui_hint
+    from study.mlflow_ui import runs_hint, ui_hint
     from study.report import report
     from study.sweep import sweep
 
@@ -42,8 +42,9 @@ def quickstart(
     if best is None or not best["run_id"]:
         raise UnitstudyError("no sweep trial finished with a validation score to choose on; see the errors above")
     m = best["metrics"]
-    echo(f"best trial {best['trial_id']} (chosen on {cfg.sweep.metric}): val/acc {m['val/acc']:.2%}, "
-         f"test/acc {m['test/acc']:.2%} (MLflow run {best['run_id']})")
+    echo(f"best trial {best['trial_id']} (chosen on {cfg.sweep.metric}), at its selected epoch {int(m['epoch']) + 1} "
+         f"(its last, whose checkpoint the analyses read): val/acc {m['val/acc']:.2%}, test/acc {m['test/acc']:.2%} "
+         f"(MLflow run {best['run_id']})")
 
     echo(f"== 2/5 ablation of every {cfg.ablation.layer} unit of the best trial")
     ablated = run_ablation(best["run_id"], config_path, overrides, quiet=quiet)
@@ -66,10 +67,11 @@ def quickstart(
     r = report(cfg)
     echo(TABLE2_CAPTION)
     echo(r.markdown)
-    if r.excluded:
-        echo("left out: " + ", ".join(f"{n} trial run(s) {why.replace('_', ' ')}" for why, n in r.excluded.items()))
+    for note in r.notes:
+        echo(note)
     echo(f"quickstart finished in {time.perf_counter() - t0:.0f} s")
     echo(f"compare the sweep's trials: {ui_hint(cfg, trials_of=swept.parent_run_id)}")
     echo(f"the best trial and its analyses: {ui_hint(cfg, best['run_id'])}")
+    echo(f"every run of the experiment: {runs_hint(cfg)}")
     return {"sweep": swept, "best": best, "ablation": ablated, "intervention": intervened, "dissection": dissected,
             "report": r}

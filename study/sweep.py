@@ -88,6 +88,27 @@ def concurrent_trials(cfg: StudyConfig) -> int:
     return fits
 
 
+def asha_milestones(cfg: StudyConfig) -> list[int]:
+    """The epochs (from 1) after which ASHA may stop a trial: its rungs, placed as Ray's ``ASHAScheduler`` places
+    them (``grace_period * reduction_factor ** k``, as many as fit below ``train.epochs``); none under fifo.
+
+    The workers test on the whole test split at these epochs (``train.test_images_per_epoch`` tests a head of it
+    elsewhere), so a stopped trial's last checkpoint, the one it is judged and analysed at, has a whole-split
+    test accuracy too.
+    """
+    import math
+
+    import numpy as np
+
+    if cfg.sweep.scheduler != "asha":
+        return []
+    max_t, rf = cfg.train.epochs, cfg.sweep.reduction_factor
+    grace = min(cfg.sweep.grace_period, max_t)
+    rungs = int(np.log(max_t / grace) / np.log(rf) + 1)  # ray.tune.schedulers.async_hyperband._Bracket, s = 0
+    # a rung at iteration m judges a trial at its first result with training_iteration >= m (epoch = iteration)
+    return sorted({math.ceil(grace * rf**k) for k in range(rungs)})
+
+
 def tune_config(cfg: StudyConfig):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -138,7 +159,7 @@ def sweep(
     result = run_trials(
         cfg,
         kind="sweep",
-        param_space={"config": cfg.dump(), "search": search_space(cfg)},
+        param_space={"config": cfg.dump(), "search": search_space(cfg), "full_test_epochs": asha_milestones(cfg)},
         tune_config=lambda: tune_config(cfg),
         name=name or cfg.sweep.name,
         parent_tags={"config_file": str(config_path or ""), "sweep.seed": str(cfg.sweep.seed)},

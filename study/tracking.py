@@ -2,14 +2,15 @@
 
 Training: one parent run per study (:func:`start_parent_run`), one nested child
 run per trial (:class:`TrialLogger`). Analyses (ablation, intervention,
-dissection): one finished run each (:func:`log_analysis_run`), tagged ``kind``,
-linked to the checkpoint's run and nested under its study.
+dissection): one finished run each (:func:`study.analysis_runs.log_analysis_run`,
+built on the helpers here), tagged ``kind``, nested under the checkpoint's trial run.
 
 Only the driver writes to MLflow (sqlite locks under many writers). Trials are
 logged by :class:`TrialLogger`, a Tune callback, so a single ``study train`` and
 every sweep trial land in MLflow the same way:
 
-* params: the trial's whole resolved config, dotted keys (``train.lr``);
+* params: the swept values under short keys (``par_rate``), the rest of the model-defining config under
+  dotted keys (``train.lr``): one key per setting, no ``None`` values;
 * metrics: every ``split/name`` key each epoch, with ``step = epoch``; an epoch
   already logged for a trial is never logged again (a resumed driver replays none),
   and when a trial ends, every epoch its newest checkpoint holds (``history.json``)
@@ -18,7 +19,9 @@ every sweep trial land in MLflow the same way:
 * artifact: the final checkpoint (``checkpoint/checkpoint.pt``); its folder is the
   tag ``checkpoint_uri``, which with remote storage is the only reference
   (``s3://bucket/prefix/train-<trial>/checkpoint_<time>``, scheme kept);
-* tags: ``mlflow.parentRunId``, ``trial_id``, ``status``.
+* tags: ``mlflow.parentRunId``, ``trial_id``, ``status``, ``swept``.
+
+The headline numbers every run carries (``selected/*``) are defined in :mod:`study.headline`.
 """
 
 from __future__ import annotations
@@ -29,22 +32,22 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ray.tune import Callback
 
 from study.config import StudyConfig
+from study.headline import peak_metrics, selected_metrics
 from study.mlflow_store import PARENT_TAG, client, experiment_id
 from study.mlflow_ui import save_trials_view, short_keys
 from study.storage import as_uri, is_remote, newest_checkpoint
 from trainables.loop import STOP_ENV, stop_point
 
-if TYPE_CHECKING:
-    from study.sources import Source
-
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # ray.tune.integration.ray_train.CHECKPOINT_PATH_KEY
+RUN_COLOR_TAG = "mlflow.runColor"  # the colour the MLflow UI draws a run in (its charts, the table's dot)
+TRIAL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+                "#17becf")  # matplotlib's tab10: ten colours told apart at a glance, in trial order
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -84,8 +87,11 @@ def model_params(dump: dict[str, Any]) -> dict[str, Any]:
     return flatten({k: dump[k] for k in MODEL_SECTIONS if k in dump})
 
 
-def swept_paths(cfg: StudyConfig) -> list[str]:
-    """The config paths a study varies (search space, grid, methods' overrides, seeds)."""
+def swept_paths(cfg: StudyConfig, kind: str = "sweep") -> list[str]:
+    """The config paths a study varies (search space, grid, methods' overrides, seeds); none for ``study train``
+    (``kind`` = train), which runs the config as it is whatever its sweep section says."""
+    if kind != "sweep":
+        return []
     paths = list(cfg.sweep.space) + list(cfg.sweep.grid)
     for overrides in cfg.sweep.methods.values():
         paths += [p for p in overrides if p not in paths]
@@ -108,18 +114,19 @@ def log_config_yaml(c, run_id: str, dump: dict[str, Any], name: str = "config.ya
 def start_parent_run(cfg: StudyConfig, kind: str, name: str, tags: dict[str, str] | None = None) -> str:
     """Create the study's parent run (tag ``kind=study``); returns its id."""
     c = client(cfg)
-    swept = ", ".join(short_keys(swept_paths(cfg)).values()) or "nothing (one training run)"
+    varied = swept_paths(cfg, kind)
+    swept = ", ".join(short_keys(varied).values()) or "nothing (one training run)"
     all_tags = {**provenance_tags("study"), "study.kind": kind, **(tags or {}),
                 "mlflow.note.content": f"A {kind} of {cfg.sweep.num_samples if kind == 'sweep' else 1} trial(s) "
                                        f"varying {swept}; chosen on {cfg.sweep.metric}. Its trials are the nested "
                                        "runs (kind=trial); the whole config is config.yaml."}
     run = c.create_run(experiment_id(cfg), run_name=name, tags=all_tags)
-    c.set_tag(run.info.run_id, "trials_view", save_trials_view(cfg, run.info.run_id, swept_paths(cfg),
-                                                                  bool(cfg.sweep.methods)))
+    c.set_tag(run.info.run_id, "trials_view", save_trials_view(cfg, run.info.run_id, varied,
+                                                                  bool(cfg.sweep.methods) and kind == "sweep"))
     sweep = {f"sweep.{k}": v for k, v in (("num_samples", cfg.sweep.num_samples), ("scheduler", cfg.sweep.scheduler),
                                           ("metric", cfg.sweep.metric))} if kind == "sweep" else {}
-    fixed = {k: v for k, v in model_params(cfg.dump()).items() if k not in swept_paths(cfg)}  # trials vary the rest
-    c.log_batch(run.info.run_id, params=_params({**fixed, **sweep}))
+    fixed = {k: v for k, v in model_params(cfg.dump()).items() if k not in varied}  # trials vary the rest
+    c.log_batch(run.info.run_id, params=mlflow_params({**fixed, **sweep}))
     log_config_yaml(c, run.info.run_id, cfg.dump())
     return run.info.run_id
 
@@ -137,10 +144,49 @@ def find_parent_run(cfg: StudyConfig, name: str) -> str:
     return runs[0].info.run_id
 
 
-def _params(flat: dict[str, Any]):
+def mlflow_params(flat: dict[str, Any]):
+    """MLflow params of ``flat``, leaving out ``None`` values (a setting left at "unset" is not a parameter)."""
     from mlflow.entities import Param
 
-    return [Param(k, str(v)[:6000]) for k, v in flat.items()]
+    return [Param(k, str(v)[:6000]) for k, v in flat.items() if v is not None]
+
+
+def get_path(dump: dict[str, Any], path: str) -> Any:
+    """The value at a dotted config path (``regularization.dropout.rate``) of a config dump."""
+    value: Any = dump
+    for part in path.split("."):
+        value = value[part]
+    return value
+
+
+def swept_values(cfg: StudyConfig, resolved: dict[str, Any], kind: str = "sweep"
+                 ) -> tuple[dict[str, Any], dict[str, str]]:
+    """(short key -> value, short key -> dotted path) of the settings a study varies, as ``resolved`` has them.
+
+    Floats at 4 significant digits, for readable columns (config.yaml holds the exact values).
+    """
+    names = short_keys(swept_paths(cfg, kind))
+    values = {}
+    for path, short in names.items():
+        value = get_path(resolved, path)
+        values[short] = float(f"{value:.4g}") if isinstance(value, float) else value
+    return values, {short: path for path, short in names.items()}
+
+
+def log_dataset(c, run_id: str, data: dict[str, Any], context: str = "training") -> None:
+    """The dataset of a ``data`` config section as the run's MLflow input (name, digest of the split settings,
+    source, split profile), tagged with ``context`` (training, evaluation)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from trainables.datasets import dataset_spec
+
+    source_type, source = dataset_spec(data["name"]).source(data)
+    spec = json.dumps({k: data.get(k) for k in ("name", "root", "num_train", "num_test", "seed", "val_fraction",
+                                                "image_size")}, sort_keys=True)
+    dataset = Dataset(name=data["name"], digest=hashlib.sha256(spec.encode()).hexdigest()[:8],
+                      source_type=source_type, source=json.dumps(source),
+                      profile=json.dumps({"val_fraction": data.get("val_fraction"), "split_seed": data.get("seed")}))
+    c.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
 
 def is_metric(key: str, value: Any) -> bool:
@@ -156,18 +202,19 @@ def _head(result: dict) -> str:
 class TrialLogger(Callback):
     """Tune callback: trial runs in MLflow nested under ``parent_run_id``, plus a progress line per epoch.
 
-    A trial run: tags ``kind=trial``, ``trial_id``, ``status``, ``method``, the git
-    commit; params: the swept values under short keys (``par_rate``,
-    ``dropout.rate``, ``lambda``) and the model-defining sections (data, model,
-    regularization, train) under dotted keys; the whole resolved config as
-    ``config.yaml``; the dataset as an MLflow input; per epoch (``step`` = epoch,
-    from 1) every ``split/name`` metric and ``epochs_completed``; at the end
-    ``best/val_acc``, ``best/epoch``, ``best/test_acc`` (at the best val epoch),
-    ``final/val_acc``, ``final/test_acc``.
+    A trial run: tags ``kind=trial``, ``trial_id``, ``status``, ``method``, ``swept``
+    (JSON: short key -> config path), the git commit; params: the swept values
+    under short keys only (``par_rate``, ``dropout.rate``, ``lambda``) and the rest
+    of the model-defining sections (data, model, regularization, train) under
+    dotted keys; the whole resolved config as ``config.yaml``; the dataset as an
+    MLflow input; per epoch (``step`` = epoch, from 1) every ``split/name`` and
+    ``system/*`` metric and ``epochs_completed``; at the end ``selected/*`` and
+    ``peak/*`` (:mod:`study.headline`). A trial ASHA stopped is renamed
+    ``trial-<id> (stopped, epoch N)``, a failed one ``trial-<id> (failed)``.
     """
 
-    def __init__(self, cfg: StudyConfig, parent_run_id: str, resolve, quiet: bool = False):
-        self.cfg, self.parent_run_id, self.resolve, self.quiet = cfg, parent_run_id, resolve, quiet
+    def __init__(self, cfg: StudyConfig, parent_run_id: str, resolve, quiet: bool = False, kind: str = "sweep"):
+        self.cfg, self.parent_run_id, self.resolve, self.quiet, self.kind = cfg, parent_run_id, resolve, quiet, kind
         self._connect()
 
     def _connect(self) -> None:
@@ -181,10 +228,11 @@ class TrialLogger(Callback):
     # Tune pickles its run config (callbacks included) for Tuner.restore: keep only
     # the settings; a restored logger reconnects and finds its runs by their tags.
     def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self.cfg, "parent_run_id": self.parent_run_id, "resolve": self.resolve, "quiet": self.quiet}
+        return {"cfg": self.cfg, "parent_run_id": self.parent_run_id, "resolve": self.resolve, "quiet": self.quiet,
+                "kind": self.kind}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"kind": "sweep", **state})
         self._connect()
 
     # -- helpers
@@ -205,21 +253,24 @@ class TrialLogger(Callback):
         self.runs[trial.trial_id] = run_id
         return run_id
 
+    def _next_color(self) -> str:
+        """The next of :data:`TRIAL_COLORS` for this study's next trial (MLflow's own colours, hashed from run
+        ids, gave two of three trials nearly the same green)."""
+        trials = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = "
+                                         f"'{self.parent_run_id}' and tags.kind = 'trial'", max_results=1000)
+        return TRIAL_COLORS[len(trials) % len(TRIAL_COLORS)]
+
     def _create_trial_run(self, trial) -> str:
         resolved = self.resolve(trial.config)
         self._epochs[trial.trial_id] = resolved["train"]["epochs"]
-        search = dict(trial.config.get("search") or {})
-        method = search.pop("method", None)
-        short = short_keys(list(search))
-        # readable columns: 4 significant digits (the exact value is the dotted param and config.yaml)
-        values = {short[path]: float(f"{value:.4g}") if isinstance(value, float) else value
-                  for path, value in search.items()}
+        method = (trial.config.get("search") or {}).get("method")
+        values, paths = swept_values(self.cfg, resolved, self.kind)  # under short keys only: one key per setting
         described = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in values.items())
         where = (f"the checkpoint stays in the storage, at the URI of the tag checkpoint_uri (under "
                  f"{self.cfg.ray.storage_path})." if is_remote(self.cfg.ray.storage_path)
                  else "the checkpoint is under checkpoint/.")
         tags = {PARENT_TAG: self.parent_run_id, **provenance_tags("trial"), "trial_id": trial.trial_id,
-                "status": "running",
+                "status": "running", "swept": json.dumps(paths), RUN_COLOR_TAG: self._next_color(),
                 "mlflow.note.content": f"Trial {trial.trial_id}" + (f" of method {method}" if method else "")
                                        + (f": {described}" if described else "") + ". The resolved config is "
                                        f"config.yaml; {where}"}
@@ -227,48 +278,32 @@ class TrialLogger(Callback):
             tags["method"] = str(method)
             values["method"] = method
         run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}", tags=tags).info.run_id
-        self.client.log_batch(run_id, params=_params({**values, **model_params(resolved)}))
+        rest = {k: v for k, v in model_params(resolved).items() if k not in paths.values()}
+        self.client.log_batch(run_id, params=mlflow_params({**values, **rest}))
         log_config_yaml(self.client, run_id, resolved)
-        self._log_dataset(run_id, resolved["data"])
+        log_dataset(self.client, run_id, resolved["data"])
         return run_id
-
-    def _log_dataset(self, run_id: str, data: dict[str, Any]) -> None:
-        import hashlib
-
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
-        from trainables.datasets import dataset_spec
-
-        source_type, source = dataset_spec(data["name"]).source(data)
-        spec = json.dumps({k: data[k] for k in ("name", "root", "num_train", "num_test", "seed", "val_fraction",
-                                                "image_size")}, sort_keys=True)
-        dataset = Dataset(name=data["name"], digest=hashlib.sha256(spec.encode()).hexdigest()[:8],
-                          source_type=source_type, source=json.dumps(source),
-                          profile=json.dumps({"val_fraction": data["val_fraction"], "split_seed": data["seed"]}))
-        self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
     def _trial_epochs(self, trial) -> int:
         if trial.trial_id not in self._epochs:
             self._epochs[trial.trial_id] = self.resolve(trial.config)["train"]["epochs"]
         return self._epochs[trial.trial_id]
 
-    def _summarize(self, run_id: str) -> None:
-        """``best/*`` (at the epoch of the best val/acc) and ``final/*`` metrics, read back from the run."""
+    def _summarize(self, trial, run_id: str, history: list[dict[str, Any]]) -> dict[str, float]:
+        """``selected/*`` (the kept checkpoint's epoch: ``history``, its record, else the run's last logged epoch)
+        and ``peak/*`` (the best val/acc of any epoch) on the trial run (:mod:`study.headline`); returns them."""
         from mlflow.entities import Metric
 
-        history = {key: {m.step: m.value for m in self.client.get_metric_history(run_id, key)}
-                   for key in ("val/acc", "test/acc")}
-        now, out = int(time.time() * 1000), []
-        for key, by_step in history.items():
-            if by_step:
-                out.append(Metric(f"final/{key.split('/')[0]}_acc", by_step[max(by_step)], now, 0))
-        if history["val/acc"]:
-            epoch = max(history["val/acc"], key=lambda s: (history["val/acc"][s], -s))  # earliest best
-            out += [Metric("best/val_acc", history["val/acc"][epoch], now, 0), Metric("best/epoch", epoch, now, 0)]
-            if epoch in history["test/acc"]:
-                out.append(Metric("best/test_acc", history["test/acc"][epoch], now, 0))
-        if out:
-            self.client.log_batch(run_id, metrics=out)
+        logged = {key: {m.step: m.value for m in self.client.get_metric_history(run_id, key)}
+                  for key in ("val/acc", "test/acc")}
+        if not history and logged["test/acc"]:  # no readable checkpoint: the run's own last epoch
+            history = [{"epoch": step - 1, "val/acc": logged["val/acc"].get(step), "test/acc": value}
+                       for step, value in logged["test/acc"].items()]
+        values = {**selected_metrics(history, self._trial_epochs(trial)), **peak_metrics(logged["val/acc"])}
+        now = int(time.time() * 1000)
+        if values:
+            self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()])
+        return values
 
     # -- Tune hooks (driver side)
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -284,7 +319,7 @@ class TrialLogger(Callback):
         metrics.append(Metric("epochs_completed", step, now, step))
         self.client.log_batch(run_id, metrics=metrics)
         if not self.logged[trial.trial_id]:  # constant per trial: params, not charts
-            # the images behind the final accuracies (the last epoch evaluates the whole test split), and
+            # the images behind the selected accuracies (the last epoch evaluates the whole test split), and
             # how many of them were evaluated after the other epochs when that was a head of it
             split = {k: int(v) for k, v in result.items() if k.endswith("/images") and is_metric(k, v)}
             whole = int(result.get("test/split_images", split.get("test/images", 0)))
@@ -297,8 +332,9 @@ class TrialLogger(Callback):
                 pass
         self.logged[trial.trial_id].add(step)
 
-    def _reconcile(self, trial, run_id: str) -> None:
-        """Log every epoch the trial's newest checkpoint holds and the run lacks; that checkpoint is the final one."""
+    def _reconcile(self, trial, run_id: str) -> list[dict[str, Any]]:
+        """Log every epoch the trial's newest checkpoint holds and the run lacks; that checkpoint is the final one.
+        Returns its history (every epoch's metrics up to it; [] when none is readable)."""
         uri, history = newest_checkpoint((trial.config or {}).get("storage_path"), trial.trial_id)
         missing = [h for h in history if int(h["epoch"]) + 1 not in self.logged[trial.trial_id]]
         for metrics in sorted(missing, key=lambda h: h["epoch"]):
@@ -309,6 +345,7 @@ class TrialLogger(Callback):
                   "MLflow: finished after the scheduler stopped the trial, or lost to a kill)", flush=True)
         if uri:
             self.checkpoints[trial.trial_id] = uri
+        return history
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_for(trial)
@@ -328,13 +365,13 @@ class TrialLogger(Callback):
             print(
                 f"[{trial.trial_id}] epoch {step}/{epochs}  train/loss {result['train/loss']:.3f}  "
                 f"train/acc {result['train/acc']:.1%}  {val}test/acc {result['test/acc']:.1%}{_head(result)}{pen}  "
-                f"{result['time/epoch_s']:.1f} s ({result['time/images_per_s']:.0f} img/s)",
+                f"{result['time/epoch_s']:.1f} s ({result['system/images_per_s']:.0f} img/s)",
                 flush=True,
             )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
-        self._reconcile(trial, run_id)
+        history = self._reconcile(trial, run_id)
         path = self.checkpoints.get(trial.trial_id)
         if path:
             uri = as_uri(self.cfg.ray.storage_path, path)  # Ray reports s3://b/p/x as b/p/x: the scheme goes back
@@ -343,96 +380,17 @@ class TrialLogger(Callback):
                 self.client.log_artifacts(run_id, path, artifact_path="checkpoint")
         epochs = self._trial_epochs(trial)
         stopped_early = len(self.logged.get(trial.trial_id, ())) < epochs
-        self._summarize(run_id)
+        selected = self._summarize(trial, run_id, history)
         self.client.set_tag(run_id, "status", "stopped_early" if stopped_early else "finished")
+        if stopped_early:  # marked where every table and chart legend shows it: the run's name
+            at = f", epoch {int(selected['selected/epoch'])}" if "selected/epoch" in selected else ""
+            self.client.update_run(run_id, name=f"trial-{trial.trial_id} (stopped{at})")
         self.client.set_terminated(run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_for(trial)
-        self._reconcile(trial, run_id)
-        self._summarize(run_id)
+        history = self._reconcile(trial, run_id)
+        self._summarize(trial, run_id, history)
         self.client.set_tag(run_id, "status", "failed")
+        self.client.update_run(run_id, name=f"trial-{trial.trial_id} (failed)")
         self.client.set_terminated(run_id, "FAILED")
-
-
-def source_params(cfg: StudyConfig, source: Source) -> tuple[dict[str, str], str | None]:
-    """(the trained model's params, its trial id) for an analysis of ``source``.
-
-    The source trial run's own params when the run is in this store (so an
-    ablation shows the par_rate its checkpoint was trained with, not the
-    analysis config's); else the checkpoint's own config; else none.
-    """
-    if source.run_id:
-        try:
-            run = client(cfg).get_run(source.run_id)
-        except Exception:  # another store: fall back to the checkpoint's config
-            run = None
-        if run is not None:
-            return dict(run.data.params), run.data.tags.get("trial_id")
-    if source.config:
-        return {k: str(v) for k, v in model_params(source.config).items()}, None
-    return {}, None
-
-
-def log_analysis_run(
-    cfg: StudyConfig,
-    source: Source,  # study.sources.Source
-    *,
-    kind: str,
-    metrics: dict[str, float],
-    params: dict[str, Any],
-    files: Sequence[Path],
-    tags: dict[str, str] | None = None,
-    summary: str = "",
-    started: float | None = None,
-) -> str:
-    """One finished MLflow run (``kind`` = ablation | intervention | dissection) with ``files`` as artifacts.
-
-    Nested under the trial run that trained the checkpoint (tag ``source_run_id``;
-    ``study_run_id`` is that trial's study), named after it (``ablation of
-    trial-1a2b3c4d``), carrying that trial's hyperparameters (:func:`source_params`)
-    plus this analysis's own settings (``params``, ``<kind>.*``); its description
-    links to the source run. ``metrics`` should be prefixed ``<kind>/``; ``started`` (``time.time()``
-    when the command began) makes the run's duration the analysis's. A RUNNING run of the same analysis
-    (tag ``analysis_key``: kind, checkpoint, data, model and analysis settings), left by a killed command,
-    is deleted first, so a rerun leaves one run with every metric and artifact once.
-    """
-    from mlflow.entities import Metric, RunTag
-
-    c = client(cfg)
-    exp = experiment_id(cfg)
-    trained, trial_id = source_params(cfg, source)
-    of = f"trial-{trial_id}" if trial_id else source.name
-    tags = {**provenance_tags(kind), "checkpoint": source.ref, "checkpoint_sha256": source.fingerprint,
-            **(tags or {})}
-    link = f"checkpoint `{source.ref}`"
-    if source.run_id:
-        tags["source_run_id"] = source.run_id
-        tags[PARENT_TAG] = source.run_id
-        link = f"the checkpoint of [{of}](#/experiments/{exp}/runs/{source.run_id})"
-    if source.parent_run_id:
-        tags["study_run_id"] = source.parent_run_id
-    # A kill between creating the run and finishing it leaves a RUNNING run; its rerun replaces it. The key is
-    # what defines the analysis (not where it ran: ray.address, the output folder).
-    section = "ablation" if kind in ("ablation", "intervention") else kind
-    defining = {k: v for k, v in cfg.dump().items() if k in ("data", "model", section)}
-    key = hashlib.sha256(json.dumps([kind, source.fingerprint, defining], sort_keys=True, default=str).encode())
-    tags["analysis_key"] = key.hexdigest()[:16]
-    for stale in c.search_runs([exp], filter_string=f"tags.analysis_key = '{tags['analysis_key']}' "
-                                                    "and attributes.status = 'RUNNING'"):
-        c.delete_run(stale.info.run_id)
-    run_id = c.create_run(exp, run_name=f"{kind} of {of}", tags=tags,
-                          start_time=int(1000 * started) if started else None).info.run_id
-    own = {f"{section}.{k}": v for k, v in flatten(cfg.dump()[section]).items()} if section in cfg.dump() else {}
-    c.log_batch(
-        run_id,
-        metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
-        params=_params({**trained, **own, **params}),
-        tags=[RunTag("mlflow.note.content", f"{kind.capitalize()} of {link}. {summary}".strip())],
-    )
-    stop_point(os.environ.get(STOP_ENV), "analysis", 0)
-    log_config_yaml(c, run_id, cfg.dump(), name=f"{kind}_config.yaml")
-    for f in files:
-        c.log_artifact(run_id, str(f))
-    c.set_terminated(run_id, "FINISHED")
-    return run_id

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from study.config import StudyConfig, set_path, validate
+from study.headline import SELECTED, selected_metrics
 from study.runtime import (
     TRIAL_DRIVER_CPUS,
     check_cluster_fits,
@@ -94,7 +95,8 @@ def trial_fn(trial_config: dict[str, Any]) -> None:
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": dump, "num_classes": cfg.num_classes,
-                           "test_stop": trial_config.get("test_stop")},
+                           "test_stop": trial_config.get("test_stop"),
+                           "full_test_epochs": trial_config.get("full_test_epochs") or []},
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=f"train-{trial_id}",
@@ -130,15 +132,20 @@ def choose_best(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[st
 
 
 def _log_best(client, parent: str, best: dict[str, Any] | None, cfg: StudyConfig) -> None:
-    """The chosen trial's validation and test values on the parent run (``best/*``), and how it was chosen."""
+    """The chosen trial's headline numbers on the parent run (``selected/*``, the same values as on the trial
+    run: :mod:`study.headline`), and how it was chosen."""
     if best is None:
         why = ("no validation split (data.val_fraction = 0)" if cfg.data.val_fraction == 0
                else f"no trial reported {cfg.sweep.metric}")
         client.set_tag(parent, "best_trial", f"not chosen: {why}")
         return
-    for key in ("val/acc", "val/loss", "test/acc", "test/loss"):
-        if key in best["metrics"]:
-            client.log_metric(parent, f"best/{key.replace('/', '_')}", best["metrics"][key])
+    logged = client.get_run(best["run_id"]).data.metrics if best["run_id"] else {}
+    selected = {k: v for k, v in logged.items() if k in SELECTED}
+    if not selected and "epoch" in best["metrics"]:  # no trial run to read: its last reported epoch
+        epochs = best["config"]["train"]["epochs"] if best.get("config") else None
+        selected = selected_metrics([best["metrics"]], epochs)
+    for key, value in selected.items():
+        client.log_metric(parent, key, value)
     client.set_tag(parent, "best_trial_id", str(best["trial_id"]))
     client.set_tag(parent, "best_chosen_on", cfg.sweep.metric)
     if best["run_id"]:
@@ -198,7 +205,7 @@ def run_trials(
             run_config=ray.tune.RunConfig(
                 name=name,
                 storage_path=storage,
-                callbacks=[TrialLogger(cfg, parent, resolve_trial_config, quiet=quiet)],
+                callbacks=[TrialLogger(cfg, parent, resolve_trial_config, quiet=quiet, kind=kind)],
                 verbose=0,
             ),
         )

@@ -202,6 +202,13 @@ def test_outputs_have_tidy_columns_and_the_mlflow_run_links_to_the_training_run(
     baseline = first_run.counts.baseline_correct.sum().item() / 200
     assert run.data.metrics["ablation/baseline_acc"] == pytest.approx(baseline)
     assert run.data.metrics["ablation/significant_units"] == ranked["significant"].sum()
+    assert run.data.metrics["selected/epoch"] == 7 and run.data.tags["checkpoint_epoch"] == "7", \
+        "the epoch of the checkpoint it read (saved at epoch index 6; no history: no accuracies)"
+    assert not {"selected/val_acc_pct", "selected/test_acc_pct"} & set(run.data.metrics)
+    assert all(k.startswith("ablation.") for k in run.data.params) and "None" not in run.data.params.values(), \
+        "its own settings only (this trial run swept nothing)"
+    assert not {"ablation.top_k", "ablation.factors", "ablation.unit_chunk"} & set(run.data.params)
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["shapes"], "the data it was evaluated on"
     errors = 200 - first_run.counts.baseline_correct.sum().item()
     drop, _ = mcnemar_mde(200, errors, bh_level(ranked["q_value"], 0.05))
     assert run.data.metrics["ablation/mde_pt"] == pytest.approx(100 * float(drop)), "the power of the null, logged"

@@ -112,5 +112,7 @@ def test_a_sweep_killed_at_each_point_of_an_epochs_life_resumes_to_the_uninterru
         assert runs[trial_id].info.end_time == end, "a finished trial is not run again"
     for run in runs.values():
         assert run.data.metrics["epochs_completed"] == EPOCHS and run.data.tags["status"] == "finished"
-        assert run.data.metrics["final/test_acc"] == got[run.data.params["train.seed"]]["test/acc"][-1][1]
+        last = got[run.data.params["train.seed"]]["test/acc"][-1]
+        assert (run.data.metrics["selected/epoch"], run.data.metrics["selected/test_acc_pct"]) == \
+            (EPOCHS, round(100 * last[1], 2)), "the headline numbers: the last epoch, from the checkpoint's record"
     assert result.best["search"] == reference.best["search"], "the same best trial"

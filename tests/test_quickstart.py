@@ -60,11 +60,19 @@ def test_quickstart_runs_end_to_end_and_leaves_every_run_in_mlflow(ray_cluster, 
         if kind in ("ablation", "intervention", "dissection"):
             assert run.data.tags["mlflow.parentRunId"] == source.info.run_id, "nested under its source trial"
             assert run.info.run_name == f"{kind} of trial-{source.data.tags['trial_id']}"
-            assert {k: run.data.params.get(k) for k in source.data.params} == source.data.params, \
-                "the hyperparameters its checkpoint was trained with"
-            assert all(k.startswith(f"{kind}/") for k in run.data.metrics), "its own metric prefix"
+            own = [k for k in run.data.params if not k.startswith("trial.")]
+            assert own and all(k.startswith(f"{kind}.") for k in own), "its own settings, under its own prefix"
+            assert {k: v for k, v in run.data.params.items() if k.startswith("trial.")} == \
+                {"trial.dropout.rate": source.data.params["dropout.rate"]}, "then the trial's swept value"
+            assert all(k.startswith((f"{kind}/", "selected/")) for k in run.data.metrics), "its own metric prefix"
+            assert {k: run.data.metrics.get(k) for k in ("selected/epoch", "selected/test_acc_pct")} == \
+                {k: source.data.metrics[k] for k in ("selected/epoch", "selected/test_acc_pct")}, \
+                "the headline of the checkpoint it read: its trial's"
+            assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["shapes"]
+        assert "None" not in run.data.params.values(), f"{kind}: an unset setting is no parameter"
     view = json.loads(c.get_experiment_by_name("qs").tags[f"mlflow.sharedViewState.unitstudy-{parent[:12]}"])
     assert view["searchFilter"] == f"tags.kind = 'trial' and tags.`mlflow.parentRunId` = '{parent}'"
-    assert "params.`dropout.rate`" in view["selectedColumns"] and "metrics.`epochs_completed`" in view["selectedColumns"]
+    assert view["columnOrder"][:3] == ["params.`dropout.rate`", "metrics.`selected/val_acc_pct`",
+                                       "metrics.`selected/test_acc_pct`"], "the swept value, then the headline"
     assert f"viewStateShareKey=unitstudy-{parent[:12]}" in text, "the printed link opens that view"
 

@@ -1,5 +1,11 @@
 """`study sweep`: Optuna search and grids over the train trial, ASHA, nested MLflow runs, resume."""
 
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -22,30 +28,94 @@ def child_runs(cfg, parent_id):
     return c, c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def test_four_trial_optuna_sweep_logs_four_children_under_one_parent(ray_cluster, tmp_path):
-    cfg = sweep_config(tmp_path, "sweep.num_samples=4", "sweep.scheduler=fifo")
-    result = sweep(cfg, quiet=True)
+@pytest.fixture(scope="module")
+def four_trials(ray_cluster, mlflow_server, tmp_path_factory):
+    """A four-trial Optuna sweep (fifo, 2 epochs) logged to the session's `mlflow server` (whose UI the view
+    test opens, so no second server starts): (cfg, result)."""
+    uri, _ = mlflow_server
+    cfg = sweep_config(tmp_path_factory.mktemp("four"), "sweep.num_samples=4", "sweep.scheduler=fifo",
+                       f"tracking.mlflow_uri={uri}", "tracking.experiment=sweep-view")
+    return cfg, sweep(cfg, quiet=True)
+
+
+SWEPT = {"par_rate": "regularization.focused_dropout.par_rate", "dropout.rate": "regularization.dropout.rate",
+         "lambda": "regularization.gradient_penalty.lambda"}
+
+
+def test_four_trial_optuna_sweep_logs_four_children_under_one_parent(four_trials):
+    cfg, result = four_trials
     assert len(result.trials) == 4 and all(t["error"] is None for t in result.trials)
     c, children = child_runs(cfg, result.parent_run_id)
     assert len(children) == 4
     sampled = set()
     for run in children:
         p = run.data.params
-        values = tuple(p[k] for k in ("regularization.focused_dropout.par_rate", "regularization.dropout.rate",
-                                      "regularization.gradient_penalty.lambda"))
-        sampled.add(values)
+        sampled.add(tuple(p[k] for k in SWEPT))
+        assert not set(SWEPT.values()) & set(p), "a swept value under one key: its short one"
+        assert json.loads(run.data.tags["swept"]) == SWEPT
         history = c.get_metric_history(run.info.run_id, "test/acc")
         assert sorted(m.step for m in history) == [1, 2]
     assert len(sampled) == 4, "Optuna drew different values for every trial"
+    assert len({r.data.tags["mlflow.runColor"] for r in children}) == 4, "each trial drawn in its own colour"
     parent = c.get_run(result.parent_run_id)
     best = max(result.trials, key=lambda t: t["metrics"]["val/acc"])
-    assert parent.data.metrics["best/val_acc"] == best["metrics"]["val/acc"], "chosen on validation accuracy"
-    assert parent.data.metrics["best/test_acc"] == best["metrics"]["test/acc"], "its test accuracy is reported"
+    assert parent.data.metrics["selected/val_acc_pct"] == round(100 * best["metrics"]["val/acc"], 2), \
+        "chosen on validation accuracy"
+    assert parent.data.metrics["selected/test_acc_pct"] == round(100 * best["metrics"]["test/acc"], 2), \
+        "its test accuracy is reported"
     assert parent.data.tags["best_trial_id"] == best["trial_id"] and result.best is best
     figures = {a.path for a in c.list_artifacts(result.parent_run_id, "figures")}
     assert figures == {"figures/optimization_history.png", "figures/param_importances.png"}
     assert any(k.startswith("importance/") for k in parent.data.metrics)
     assert parent.data.tags["param_importances"] == "from the 4 trials that ran all 2 epochs; fewer than 5: not reliable"
+
+
+def chromium() -> str | None:
+    return next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(name)), None)
+
+
+class _HeaderCells(HTMLParser):
+    """The runs table's header cells: (aria-colindex, col-id, width in px) of every ag-grid header cell."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "ag-header-cell" in (a.get("class") or "").split() and "col-id" in a:
+            width = re.search(r"width: (\d+)px", a.get("style") or "")
+            self.cells.append((int(a.get("aria-colindex", 0)), a["col-id"], int(width.group(1)) if width else None))
+
+
+@pytest.mark.skipif(chromium() is None, reason="needs chromium (.ci/run installs it: apt-get install chromium)")
+def test_the_printed_trials_view_opens_with_the_swept_values_and_accuracies_first(four_trials, tmp_path):
+    """The link `study sweep` prints, opened in headless Chromium at 1600 px on the tracking server the sweep
+    logged to: the runs table's first columns are the swept values, then selected val and test accuracy, at the
+    view's widths, every trial a row. The screenshot stays under tmp_path (looked at when this was written)."""
+    from study.mlflow_ui import trials_view, trials_view_key, ui_hint
+
+    cfg, result = four_trials
+    page = ui_hint(cfg, trials_of=result.parent_run_id)  # what `study sweep` prints: the server is the UI
+    assert trials_view_key(result.parent_run_id) in page and "workflowType=machine_learning" in page
+    for attempt in range(2):  # the server's first page load can outlast the virtual time on a busy machine
+        out = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                              f"--user-data-dir={tmp_path}/chromium", "--window-size=1600,1000",
+                              "--virtual-time-budget=20000", f"--screenshot={tmp_path}/view.png", "--dump-dom",
+                              page], capture_output=True, text=True, timeout=180)
+        cells = _HeaderCells()
+        cells.feed(out.stdout)
+        if any(c.startswith("params.") for _, c, _ in cells.cells):
+            break
+    columns = sorted((i, c, w) for i, c, w in cells.cells if c.startswith(("params.", "metrics.", "tags.")))
+    assert [c for _, c, _ in columns][:5] == ["params.`par_rate`", "params.`dropout.rate`", "params.`lambda`",
+                                               "metrics.`selected/val_acc_pct`", "metrics.`selected/test_acc_pct`"], \
+        out.stdout[-3000:]
+    widths = trials_view(result.parent_run_id, list(SWEPT.values()))["columnWidths"]
+    assert {c: w for _, c, w in columns} == {c: widths[c] for _, c, _ in columns}, "at the view's widths"
+    assert all(f"trial-{t['trial_id']}" in out.stdout for t in result.trials), "every trial is a row"
+    assert (tmp_path / "view.png").stat().st_size > 20_000, "a screenshot of the page, not a blank one"
 
 
 def test_asha_stops_a_weak_trial_and_the_next_trial_still_runs(ray_cluster, tmp_path):
@@ -83,7 +153,7 @@ def test_grid_of_methods_and_seeds_tags_each_trial_with_its_method(ray_cluster, 
     )
     result = sweep(cfg, quiet=True)
     c, children = child_runs(cfg, result.parent_run_id)
-    seen = sorted((r.data.tags["method"], r.data.params["train.seed"], r.data.params["regularization.dropout.rate"])
+    seen = sorted((r.data.tags["method"], r.data.params["train.seed"], r.data.params["dropout.rate"])
                   for r in children)
     assert seen == [("baseline", "0", "0.0"), ("baseline", "1", "0.0"), ("dropout", "0", "0.2"), ("dropout", "1", "0.2")]
 

@@ -44,6 +44,10 @@ def small_config(tmp_path, *extra):
     )
 
 
+def ck_epoch(trial) -> int:
+    return load_checkpoint(f"{trial['checkpoint_path']}/checkpoint.pt")["epoch"]
+
+
 def final_weights(trial):
     return load_checkpoint(f"{trial['checkpoint_path']}/checkpoint.pt")["model"]
 
@@ -96,16 +100,24 @@ def test_run_is_logged_as_parent_and_child_with_per_epoch_metrics_and_checkpoint
     assert params["test_images"] == "400" and params["test_images_per_epoch"] == "100", "the last epoch: all of them"
     val = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "val/acc")}
     test = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "test/acc")}
-    best_epoch = min(e for e in val if val[e] == max(val.values()))
-    assert metrics["best/epoch"] == best_epoch and metrics["best/val_acc"] == val[best_epoch]
-    assert metrics["best/test_acc"] == test[best_epoch], "test accuracy at the epoch chosen on validation"
-    assert metrics["final/val_acc"] == val[EPOCHS] and metrics["final/test_acc"] == test[EPOCHS]
+    # the headline: the last epoch, whose checkpoint is kept (its test accuracy on all 400 images), in percent
+    assert metrics["selected/epoch"] == EPOCHS == ck_epoch(trial) + 1
+    assert metrics["selected/val_acc_pct"] == round(100 * val[EPOCHS], 2)
+    assert metrics["selected/test_acc_pct"] == round(100 * test[EPOCHS], 2)
+    peak = min(e for e in val if val[e] == max(val.values()))
+    assert (metrics["peak/epoch"], metrics["peak/val_acc_pct"]) == (peak, round(100 * val[peak], 2))
+    assert not any(k.startswith(("best/", "final/")) for k in metrics), "one set of headline numbers"
+    for key in ("system/images_per_s", "system/peak_rss_mb"):  # what each epoch cost, charted per epoch
+        assert [m.step for m in client.get_metric_history(child.info.run_id, key)] == list(range(1, EPOCHS + 1))
+    assert "system/peak_gpu_memory_mb" not in metrics, "no GPU here: no GPU metric rather than a made-up one"
     assert not any(k.startswith(("sweep.", "ray.", "ablation.", "dissection.", "tracking.")) for k in params)
+    assert "None" not in params.values(), "an unset setting is no parameter"
     assert "config.yaml" in {a.path for a in client.list_artifacts(child.info.run_id)}
     (dataset,) = client.get_run(child.info.run_id).inputs.dataset_inputs
     assert dataset.dataset.name == "shapes"
-    assert parent.data.metrics["best/test_acc"] == pytest.approx(trial["metrics"]["test/acc"])
-    assert parent.data.metrics["best/val_acc"] == pytest.approx(trial["metrics"]["val/acc"])
+    assert {k: v for k, v in parent.data.metrics.items() if k.startswith("selected/")} == \
+        {k: metrics[k] for k in ("selected/epoch", "selected/val_acc_pct", "selected/test_acc_pct")}, \
+        "the study run's headline is its chosen trial's, the same keys and values"
     assert parent.data.tags["best_chosen_on"] == "val/acc"
 
 

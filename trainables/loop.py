@@ -5,7 +5,9 @@ once from the driver's validated ``StudyConfig.dump()`` in ``config["config"]``
 and does, per epoch: one pass over this rank's shard with
 the configured regularizers, one evaluation of the whole validation and test
 sets (each rank a disjoint block; counts all-reduced; with ``train.test_images_per_epoch``
-only the first N test images, except at the last epoch), then ``ray.train.report(metrics,
+only the first N test images, except at the last epoch and at the epochs in
+``config["full_test_epochs"]``, where a scheduler may stop the trial: a trial's last
+checkpoint always carries a whole-test-split accuracy), then ``ray.train.report(metrics,
 checkpoint)`` on every rank (rank 0 attaches the checkpoint).
 
 Resuming: ``ray.train.get_checkpoint()`` restores model, optimizer, scheduler,
@@ -23,7 +25,9 @@ scheme and the epoch, which together are the RNG state.
 
 Metric keys (DESIGN.md): ``train/loss``, ``train/acc``, ``train/penalty``,
 ``val/loss``, ``val/acc`` (when ``data.val_fraction`` > 0), ``test/loss``,
-``test/acc``, ``time/epoch_s``, ``time/images_per_s``, ``lr``, ``epoch``.
+``test/acc``, ``time/epoch_s``, ``lr``, ``epoch``, and what the epoch cost
+(:mod:`trainables.resources`): ``system/images_per_s``, ``system/peak_rss_mb``,
+on CUDA ``system/peak_gpu_memory_mb`` and, with NVML, ``system/gpu_utilization_pct``.
 Choices (Tune's objective, ASHA, the best trial) read ``val/*``; ``test/*`` is
 reported only.
 
@@ -51,6 +55,7 @@ from trainables.data import build_loaders
 from trainables.focused_dropout import FocusedDropout
 from trainables.models import load_vgg16_state_dict
 from trainables.regularizers import batch_loss, build_model
+from trainables.resources import EpochResources, reduce_over_ranks
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"  # beside the checkpoint: every epoch's metrics up to it
@@ -194,7 +199,8 @@ def _maybe_inject_fault(train_cfg: TrainConfig, epoch: int, rank: int, world_siz
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point; ``config = {"config": StudyConfig.dump(), "num_classes": int}``."""
+    """Ray Train worker entry point; ``config = {"config": StudyConfig.dump(), "num_classes": int}``, optionally
+    ``"full_test_epochs"``: epochs (from 1) tested on the whole test split besides the last."""
     import ray.train
     import ray.train.torch
 
@@ -222,6 +228,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         cfg.data, batch_size=per_rank_batch, device=device, rank=rank, world_size=world_size, seed=tcfg.seed
     )
     n_test = tcfg.test_images_per_epoch
+    full_test_at = {int(e) for e in config.get("full_test_epochs") or ()}
     test_each_epoch = test_loader if n_test is None or n_test >= test_loader.num_images else test_loader.head(n_test)
     optimizer = torch.optim.SGD(model.parameters(), lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tcfg.t_max)
@@ -248,20 +255,22 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         _maybe_inject_fault(tcfg, epoch, rank, world_size, resumed)
 
         t0 = time.perf_counter()
-        train_sums = _all_reduce(train_one_epoch(model, train_loader, optimizer, cfg.regularization,
-                                                 autocast_dtype, scaler, device, epoch * len(train_loader)))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_s = time.perf_counter() - t0
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        last = epoch == tcfg.epochs - 1  # the whole test split; before, train.test_images_per_epoch of it
-        evals = {"test": test_loader if last else test_each_epoch}
-        if val_loader is not None:
-            evals = {"val": val_loader, **evals}
-        eval_sums = {split: _all_reduce(evaluate(model, loader, autocast_dtype, device))
-                     for split, loader in evals.items()}
-        epoch_s = time.perf_counter() - t0
+        with EpochResources(device) as cost:
+            train_sums = _all_reduce(train_one_epoch(model, train_loader, optimizer, cfg.regularization,
+                                                     autocast_dtype, scaler, device, epoch * len(train_loader)))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_s = time.perf_counter() - t0
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            # the whole test split at the last epoch and where a scheduler may stop the trial; else the head
+            whole = epoch == tcfg.epochs - 1 or epoch + 1 in full_test_at
+            evals = {"test": test_loader if whole else test_each_epoch}
+            if val_loader is not None:
+                evals = {"val": val_loader, **evals}
+            eval_sums = {split: _all_reduce(evaluate(model, loader, autocast_dtype, device))
+                         for split, loader in evals.items()}
+            epoch_s = time.perf_counter() - t0
         t_loss, t_correct, t_n, t_pen, t_pen_n = train_sums.tolist()
         metrics = {
             "epoch": epoch,
@@ -269,14 +278,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "train/acc": t_correct / max(t_n, 1),
             "train/penalty": t_pen / max(t_pen_n, 1),  # over the steps that computed it
             "time/epoch_s": epoch_s,
-            "time/images_per_s": t_n / max(train_s, 1e-9),
+            "system/images_per_s": t_n / max(train_s, 1e-9),
             "lr": lr,
+            **reduce_over_ranks(cost.metrics(), device, world_size),
         }
         for split, sums in eval_sums.items():
             e_loss, e_correct, e_n = sums.tolist()
             metrics.update({f"{split}/loss": e_loss / max(e_n, 1), f"{split}/acc": e_correct / max(e_n, 1),
                             f"{split}/images": e_n})
-        metrics["test/split_images"] = test_loader.num_images  # the last epoch's test/images; before: a head of it
+        metrics["test/split_images"] = test_loader.num_images  # test/images when the whole split was tested
         history.append(metrics)
         stop_point(config.get("test_stop"), "report", epoch + 1)
         with tempfile.TemporaryDirectory() as tmp:
