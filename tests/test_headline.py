@@ -79,7 +79,7 @@ def test_the_whole_test_split_is_tested_at_every_epoch_where_asha_may_stop_a_tri
 def test_analysis_runs_log_only_their_own_settings_without_none_and_the_quantile_is_not_q():
     cfg = load_config(QUICKSTART, ["ablation.units=[1, 2]"])
     ablation, intervention = analysis_settings(cfg, "ablation"), analysis_settings(cfg, "intervention")
-    assert ablation == {"ablation.layer": "conv5_3", "ablation.units": "1,2", "ablation.dtype": "float32",
+    assert ablation == {"ablation.layer": "conv3_3", "ablation.units": "1,2", "ablation.dtype": "float32",
                         "ablation.precision_sample": 64}
     assert intervention["intervention.top_k"] == 5 and intervention["intervention.factors"] == "2.0,3.0"
     assert not any(k.startswith("ablation.") for k in intervention), "an intervention's settings are its own"
