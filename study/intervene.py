@@ -268,8 +268,9 @@ def table1_notes(worst: UnitSelection, best: UnitSelection, table: pd.DataFrame,
         lines.append(f"none of the {len(table)} interventions changes test accuracy significantly "
                      f"(q < {ALPHA:g}); {detectable(power)}")
     else:
-        lines.append(f"{significant} of {len(table)} interventions change test accuracy significantly (q < {ALPHA:g}); "
-                     f"for the rest, {detectable(power)}")
+        rest = "" if significant == len(table) else f"; for the rest, {detectable(power)}"
+        lines.append(f"{significant} of {len(table)} interventions change test accuracy significantly "
+                     f"(q < {ALPHA:g}){rest}")
     return lines
 
 
