@@ -25,12 +25,9 @@ computation is :mod:`analysis.dissection`; this module is the driver around it
    returns the shard's layer activations (a second return value kept in the
    object store) and pass 2 reuses them instead of running the network again.
    For Broden (large activations) pass 2 recomputes them.
-4. The driver labels the units, writes ``units.csv``/``units.parquet``,
-   ``figure1_detectors.png`` and ``figure3_top_images.png``, and logs them to one
-   MLflow run tagged ``kind=dissection``.
-
-Tasks use ``ablation.num_gpus`` (GPU share) and ``ablation.max_retries``; the
-dissection section has no fields of its own for them.
+4. The driver labels the units (each label with its null, :mod:`analysis.nulls`), writes ``units.csv``,
+   Figures 1 and 3 and, with ``join``, the join with ablation (:mod:`study.join`), and logs them to one
+   MLflow run tagged ``kind=dissection``. Tasks use ``ablation.num_gpus`` and ``ablation.max_retries``.
 """
 
 from __future__ import annotations
