@@ -42,10 +42,11 @@ GROUP_COLUMNS = ["group", "concept", "units", "n_units"] + [
     f"{side}_{c}" for side in ("in", "out") for c in ("images", "change_pt", "lost", "gained", "p", "q")]
 
 
-def _masks(concept: str, concept_classes: Classes, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _inside(concept: str, concept_classes: Classes, num_classes: int) -> torch.Tensor:
+    """(K,) bool: the classes whose images contain ``concept``."""
     inside = torch.zeros(num_classes, dtype=torch.bool)
     inside[list(concept_classes.get(concept, ()))] = True
-    return inside, ~inside
+    return inside
 
 
 def _change(lost: torch.Tensor, gained: torch.Tensor, total: torch.Tensor, classes: torch.Tensor):
@@ -53,6 +54,16 @@ def _change(lost: torch.Tensor, gained: torch.Tensor, total: torch.Tensor, class
     n = int(total[classes].sum())
     lo, ga = int(lost[..., classes].sum()), int(gained[..., classes].sum())
     return (100.0 * (ga - lo) / n if n else float("nan")), lo, ga, n
+
+
+def _sides(lost: torch.Tensor, gained: torch.Tensor, total: torch.Tensor, inside: torch.Tensor) -> dict:
+    """in_* (the classes ``inside``) and out_* (the others): images, change_pt, lost, gained, p (exact McNemar)."""
+    out = {}
+    for side, mask in (("in", inside), ("out", ~inside)):
+        change, lo, ga, n = _change(lost, gained, total, mask)
+        out.update({f"{side}_images": n, f"{side}_change_pt": change, f"{side}_lost": lo, f"{side}_gained": ga,
+                    f"{side}_p": float(mcnemar_exact(lo, ga)) if n else float("nan")})
+    return out
 
 
 def unit_effects(units: pd.DataFrame, counts: AblationCounts, concept_classes: Classes) -> pd.DataFrame:
@@ -67,15 +78,10 @@ def unit_effects(units: pd.DataFrame, counts: AblationCounts, concept_classes: C
     rows = []
     for r in units[units["unit"].isin(row_of)].itertuples(index=False):
         i = row_of[int(r.unit)]
-        inside, outside = _masks(r.label, concept_classes, counts.num_classes)
-        out = {"unit": int(r.unit), "label": r.label, "category": r.category, "iou": r.iou,
-               "q_value": r.q_value, "detector": bool(r.detector), "positional": bool(r.positional)}
-        for side, mask in (("in", inside), ("out", outside)):
-            change, lo, ga, n = _change(counts.lost[i], gained[i], counts.total, mask)
-            p = float(mcnemar_exact(lo, ga)) if n else float("nan")
-            out.update({f"{side}_images": n, f"{side}_change_pt": change, f"{side}_lost": lo, f"{side}_gained": ga,
-                        f"{side}_p": p})
-        rows.append(out)
+        inside = _inside(r.label, concept_classes, counts.num_classes)
+        rows.append({"unit": int(r.unit), "label": r.label, "category": r.category, "iou": r.iou,
+                     "q_value": r.q_value, "detector": bool(r.detector), "positional": bool(r.positional),
+                     **_sides(counts.lost[i], gained[i], counts.total, inside)})
     table = pd.DataFrame(rows)
     for side in ("in", "out"):
         table.insert(table.columns.get_loc(f"{side}_p") + 1, f"{side}_q", bh_qvalues(table[f"{side}_p"]))
@@ -108,7 +114,7 @@ def group_plan(units: pd.DataFrame, validation: AblationCounts, concept_classes:
             continue
         plan.append(Intervention("output", "remove", 1.0, tuple(sorted(group["unit"].tolist())),
                                  f"detectors:{concept}"))
-        inside, _ = _masks(concept, concept_classes, validation.num_classes)
+        inside = _inside(concept, concept_classes, validation.num_classes)
         for n, chosen in top_damage(validation, inside, sizes).items():
             plan.append(Intervention("output", "remove", 1.0, chosen, f"top{n}:{concept}"))
     return plan
@@ -121,13 +127,9 @@ def group_effects(counts: InterventionCounts, concept_classes: Classes) -> pd.Da
     rows = []
     for i, iv in enumerate(counts.interventions):
         kind, concept = iv.selection.split(":", 1)
-        inside, outside = _masks(concept, concept_classes, counts.total.numel())
-        out = {"group": kind, "concept": concept, "units": " ".join(map(str, iv.units)), "n_units": len(iv.units)}
-        for side, mask in (("in", inside), ("out", outside)):
-            change, lo, ga, n = _change(counts.lost[i], counts.gained[i], counts.total, mask)
-            out.update({f"{side}_images": n, f"{side}_change_pt": change, f"{side}_lost": lo, f"{side}_gained": ga,
-                        f"{side}_p": float(mcnemar_exact(lo, ga)) if n else float("nan")})
-        rows.append(out)
+        inside = _inside(concept, concept_classes, counts.total.numel())
+        rows.append({"group": kind, "concept": concept, "units": " ".join(map(str, iv.units)),
+                     "n_units": len(iv.units), **_sides(counts.lost[i], counts.gained[i], counts.total, inside)})
     table = pd.DataFrame(rows, columns=[c for c in GROUP_COLUMNS if not c.endswith("_q")])
     q = bh_qvalues(np.concatenate([table["in_p"].to_numpy(float), table["out_p"].to_numpy(float)]))
     table["in_q"], table["out_q"] = q[: len(table)], q[len(table):]
